@@ -1,0 +1,133 @@
+"""Shapes and numerics of the DINOv2 encoder, the resize operators and the pixel decoder."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uae_jax.models import decoder
+from uae_jax.models import dinov2
+from uae_jax.models import resize
+
+
+@pytest.mark.parametrize("size", ["S", "B", "L", "g"])
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("input_size", [224, 252])
+def test_encoder_shapes(size, registers, input_size):
+  enc = dinov2.DinoV2(size=size, num_registers=registers, input_size=input_size)
+  images = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
+  params = nn.unbox(jax.eval_shape(enc.init, jax.random.key(0), images))
+  out = jax.eval_shape(enc.apply, params, images)
+  grid = input_size // 14
+  assert out.shape == (2, grid, grid, dinov2.SIZES[size].dim)
+  p = params["params"]
+  assert p["pos_embed"].shape == (1, 1 + 37 * 37, dinov2.SIZES[size].dim)
+  assert ("register_tokens" in p) == bool(registers)
+  assert "norm" not in p  # UAE's final LayerNorm has no affine parameters
+  assert len([k for k in p if k.startswith("blocks_")]) == dinov2.SIZES[size].depth
+
+
+def test_encoder_tiny_forward_is_normalised_and_row_major():
+  enc = dinov2.DinoV2(size="tiny", input_size=224, pos_embed_grid=16)
+  x = jax.random.uniform(jax.random.key(1), (2, 256, 256, 3))
+  v = nn.unbox(enc.init(jax.random.key(0), x))
+  grid, blocks = enc.apply(v, x, return_blocks=True)
+  assert grid.shape == (2, 16, 16, 64) and len(blocks) == 2
+  # Non-affine final LayerNorm: every token has zero mean and unit variance.
+  np.testing.assert_allclose(grid.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(grid.var(-1), 1.0, atol=1e-3)
+  # Row-major: token n of the last block (after CLS + 4 registers) is grid[n // 16, n % 16].
+  ln = (blocks[-1] - blocks[-1].mean(-1, keepdims=True)) / jnp.sqrt(blocks[-1].var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(grid[:, 3, 7], ln[:, 5 + 3 * 16 + 7], atol=1e-5)
+
+
+def test_encoder_rejects_input_not_multiple_of_patch():
+  enc = dinov2.DinoV2(size="tiny", input_size=None, pos_embed_grid=16)
+  with pytest.raises(ValueError, match="multiple of patch"):
+    enc.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
+
+
+def test_input_resize_matches_torch_bicubic():
+  torch = pytest.importorskip("torch")
+  x = np.random.RandomState(0).rand(2, 3, 256, 256).astype(np.float32)
+  ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=(224, 224), mode="bicubic",
+                                        align_corners=False).numpy()
+  m = resize.torch_bicubic_matrix(256, 224)
+  out = np.asarray(resize.resize_2d(jnp.asarray(x.transpose(0, 2, 3, 1)), m, m))
+  assert np.abs(out.transpose(0, 3, 1, 2) - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("convention", resize.CONVENTIONS)
+@pytest.mark.parametrize("out", [16, 18, 40])
+def test_pos_embed_resize_conventions_match_torch(convention, out):
+  torch = pytest.importorskip("torch")
+  f = torch.nn.functional.interpolate
+  p = np.random.RandomState(1).randn(1, 8, 37, 37).astype(np.float32)
+  t = torch.from_numpy(p)
+  if convention == "torch_bicubic":
+    ref = f(t, size=(out, out), mode="bicubic", align_corners=False)
+  elif convention == "torch_bicubic_offset":
+    ref = f(t, scale_factor=((out + 0.1) / 37,) * 2, mode="bicubic", align_corners=False)
+  else:
+    ref = f(t, size=(out, out), mode="bicubic", align_corners=False, antialias=True)
+  m = resize.resize_matrix(37, out, convention)
+  got = np.asarray(resize.resize_2d(jnp.asarray(p.transpose(0, 2, 3, 1)), m, m))
+  assert np.abs(got.transpose(0, 3, 1, 2) - ref.numpy()).max() <= 2e-5
+
+
+def test_resize_matrix_identity_and_rows_sum_to_one():
+  for conv in resize.CONVENTIONS[::2]:
+    np.testing.assert_allclose(resize.resize_matrix(37, 37, conv), np.eye(37), atol=1e-6)
+  np.testing.assert_allclose(resize.torch_bicubic_matrix(256, 224).sum(1), 1.0, atol=1e-6)
+  with pytest.raises(ValueError, match="unknown resize convention"):
+    resize.resize_matrix(37, 16, "bilinear")
+
+
+@pytest.mark.parametrize("size", sorted(decoder.SIZES))
+def test_decoder_shapes(size):
+  dec = decoder.PixelDecoder(size=size)
+  z = jax.ShapeDtypeStruct((2, 16, 16, 768), jnp.float32)
+  params = nn.unbox(jax.eval_shape(dec.init, jax.random.key(0), z))
+  assert jax.eval_shape(dec.apply, params, z).shape == (2, 256, 256, 3)
+  assert len([k for k in params["params"] if k.startswith("blocks_")]) == decoder.SIZES[size].depth
+
+
+def test_decoder_xl_parameter_count():
+  dec = decoder.PixelDecoder(size="XL")
+  params = nn.unbox(jax.eval_shape(
+      dec.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 768), jnp.float32)))
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  assert abs(n - 415.1e6) / 415.1e6 < 0.005, n
+  assert params["params"]["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (1152, 4096)
+
+
+def test_unpatchify_inverts_patchify_on_real_photo(photo_batch):
+  x = jnp.asarray(photo_batch)
+  tokens = decoder.patchify(x, 16)
+  assert tokens.shape == (4, 256, 768)
+  np.testing.assert_array_equal(decoder.unpatchify(tokens, 16, 16, 16), x)
+  # Token (r, c), entry (p, q, ch) is pixel (16r + p, 16c + q, ch).
+  r, c, p, q, ch = 3, 11, 5, 9, 2
+  assert tokens[0, r * 16 + c, (p * 16 + q) * 3 + ch] == x[0, 16 * r + p, 16 * c + q, ch]
+
+
+def test_sincos_first_half_encodes_column():
+  emb = decoder.sincos_2d(16, 4, 5)
+  assert emb.shape == (1 + 20, 16)
+  np.testing.assert_array_equal(emb[0], 0.0)
+  grid = emb[1:].reshape(4, 5, 16)
+  # First half depends only on the column, second half only on the row.
+  np.testing.assert_allclose(grid[0, :, :8], grid[3, :, :8])
+  np.testing.assert_allclose(grid[:, 0, 8:], grid[:, 4, 8:])
+  np.testing.assert_allclose(grid[0, 2, :4], np.sin(2 * 1e4 ** (-np.arange(4) / 4)), rtol=1e-6)
+
+
+def test_decoder_tiny_forward_adds_imagenet_stats_at_zero_output():
+  dec = decoder.PixelDecoder(size="tiny")
+  z = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+  v = nn.unbox(dec.init(jax.random.key(1), z))
+  assert np.all(np.asarray(v["params"]["cls_token"]) == 0)
+  zeroed = jax.tree.map(jnp.zeros_like, v)
+  out = dec.apply(zeroed, z)
+  assert out.shape == (2, 64, 64, 3)
+  np.testing.assert_allclose(out[0, 0, 0], dinov2.IMAGENET_MEAN, rtol=1e-6)

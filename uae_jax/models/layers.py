@@ -1,0 +1,148 @@
+"""Transformer building blocks shared by the DINOv2 encoder, the pixel decoder and the discriminator.
+
+Parameter names mirror the PyTorch modules they are converted from (`query`, `key`, `value`,
+`proj`, `fc1`, `fc2`, `norm1`, `ls1`, ...), so the conversion tables in `uae_jax.convert` stay
+one line per tensor. Every parameter carries logical axis names; the trainer maps them to mesh
+axes with the rules in the config.
+"""
+from typing import Any, Callable, Optional
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names used by every module in the package.
+EMBED = "embed"   # model width; sharded over the FSDP axis by default.
+MLP = "mlp"       # MLP hidden width.
+HEADS = "heads"   # attention projections (num_heads * head_dim).
+
+
+def dense(features: int, axes: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
+          use_bias: bool = True, kernel_init: Callable = nn.initializers.lecun_normal(),
+          bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
+  """A Dense layer whose kernel and bias carry logical axis names `axes` (in, out)."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype,
+               affine: bool = True) -> nn.LayerNorm:
+  """LayerNorm with named parameters; `affine=False` gives the parameter-free variant."""
+  return nn.LayerNorm(
+      epsilon=eps, use_scale=affine, use_bias=affine, dtype=dtype, param_dtype=param_dtype,
+      name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with separate q/k/v projections and scale head_dim**-0.5."""
+  dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  out_name: str = "proj"
+
+  @nn.compact
+  def __call__(self, x):
+    mk = lambda n, axes: dense(self.dim, axes, n, self.dtype, self.param_dtype)
+    q, k, v = (mk(n, (EMBED, HEADS))(x) for n in ("query", "key", "value"))
+    split = lambda t: einops.rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
+    q, k, v = split(q), split(k), split(v)
+    head_dim = self.dim // self.num_heads
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
+    # Softmax in float32 even under bf16 compute, as PyTorch's eager attention does.
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = einops.rearrange(jnp.einsum("bhqk,bhkd->bhqd", probs, v), "b h n d -> b n (h d)")
+    return mk(self.out_name, (HEADS, EMBED))(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP with GELU (exact by default; DINO v1 discriminator uses the tanh form)."""
+  dim: int
+  hidden: int
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(self.hidden, (EMBED, MLP), "fc1", self.dtype, self.param_dtype)(x)
+    h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+    return dense(self.dim, (MLP, EMBED), "fc2", self.dtype, self.param_dtype)(h)
+
+
+class SwiGluMlp(nn.Module):
+  """SwiGLU feed-forward of DINOv2-g: fused `w12` (D -> 2H), silu(x1) * x2, then `w3` (H -> D)."""
+  dim: int
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(2 * self.hidden, (EMBED, MLP), "w12", self.dtype, self.param_dtype)(x)
+    x1, x2 = jnp.split(h, 2, axis=-1)
+    return dense(self.dim, (MLP, EMBED), "w3", self.dtype, self.param_dtype)(jax.nn.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+  """Per-channel learnable residual scale (`gamma`), DINOv2's LayerScale."""
+  dim: int
+  init_value: float = 1.0
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.with_logical_partitioning(
+        nn.initializers.constant(self.init_value), (EMBED,)), (self.dim,), self.param_dtype)
+    return x * gamma.astype(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm ViT block: x += [ls1](attn(norm1(x))); x += [ls2](mlp(norm2(x)))."""
+  dim: int
+  num_heads: int
+  mlp_hidden: int
+  ln_eps: float = 1e-6
+  layerscale: Optional[float] = None  # init value; None disables LayerScale.
+  swiglu: bool = False
+  gelu_approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layer_norm(self.ln_eps, "norm1", **kw)(x)
+    h = Attention(self.dim, self.num_heads, name="attn", **kw)(h)
+    if self.layerscale is not None:
+      h = LayerScale(self.dim, self.layerscale, self.param_dtype, name="ls1")(h)
+    x = x + h
+    h = layer_norm(self.ln_eps, "norm2", **kw)(x)
+    if self.swiglu:
+      h = SwiGluMlp(self.dim, self.mlp_hidden, name="mlp", **kw)(h)
+    else:
+      h = Mlp(self.dim, self.mlp_hidden, self.gelu_approximate, name="mlp", **kw)(h)
+    if self.layerscale is not None:
+      h = LayerScale(self.dim, self.layerscale, self.param_dtype, name="ls2")(h)
+    return x + h
+
+
+def block_class(remat_policy: Optional[str]):
+  """TransformerBlock, optionally wrapped in `nn.remat` with a named checkpoint policy."""
+  if not remat_policy or remat_policy == "none":
+    return TransformerBlock
+  policies = {
+      "full": None,  # save nothing, recompute the whole block.
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  if remat_policy not in policies:
+    raise ValueError(f"remat_policy={remat_policy!r}: expected one of {sorted(policies)} or 'none'")
+  return nn.remat(TransformerBlock, policy=policies[remat_policy])
