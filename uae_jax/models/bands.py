@@ -1,0 +1,320 @@
+"""Frequency bands of a latent grid: radial FFT band projector and the official DCT low-pass.
+
+Two families live here:
+
+* Paper recipe: K smooth radial Fourier masks and the iterative residual split
+  `r_0 = z; b_k = P_k(r_k); r_{k+1} = r_k - b_k; b_{K-1} = r_{K-1}` (DESIGN.md "Band projector"),
+  with a literal `jnp.fft` reference (`split_bands_fft`) and a matmul fast path
+  (`split_bands_matmul`) that applies the same fixed real operator as one einsum, plus band-limited
+  noise injection (`inject_band_noise`).
+* Official-code recipe: orthonormal DCT-II over the token grid and a hard zig-zag prefix low-pass
+  (`dct_lowpass`, `official_band_mask`), reference/uae_reference.md §1.5.
+
+Latents are channels-last `z: (B, H, W, C)`; bands are stacked on a new leading axis
+`(K, B, H, W, C)`. All constants (masks, operators, DCT matrices) are numpy arrays built once in
+float64, not Flax params.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# ---------------------------------------------------------------------------------------------
+# Paper recipe: radial masks and the iterative split.
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate_band_args(num_bands, edges, tau):
+  """Checks the band-layout arguments and returns the edges as a float tuple."""
+  if isinstance(num_bands, bool) or not isinstance(num_bands, (int, np.integer)):
+    raise TypeError(f"num_bands must be an int, got {num_bands!r}")
+  if num_bands < 1:
+    raise ValueError(f"num_bands must be >= 1, got {num_bands}")
+  if not np.isfinite(tau) or tau <= 0:
+    raise ValueError(f"tau must be a positive finite float, got {tau}")
+  if edges is None:
+    return tuple(k * np.sqrt(2.0) / num_bands for k in range(1, num_bands))
+  edges = tuple(float(e) for e in edges)
+  if len(edges) != num_bands - 1:
+    raise ValueError(
+        f"edges must have num_bands - 1 = {num_bands - 1} entries, got {len(edges)}: {edges}")
+  if any(not np.isfinite(e) for e in edges):
+    raise ValueError(f"edges must be finite, got {edges}")
+  if any(b <= a for a, b in zip(edges[:-1], edges[1:])):
+    raise ValueError(f"edges must be strictly increasing, got {edges}")
+  return edges
+
+
+def _sigmoid(x):
+  """Overflow-free logistic function in numpy."""
+  return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def radial_masks(height: int, width: int, num_bands: int = 4,
+                 edges: Sequence[float] | None = None, tau: float = 0.02) -> np.ndarray:
+  """Returns the K smooth radial Fourier masks (K, H, W), float64, summing to 1 everywhere."""
+  if height < 1 or width < 1:
+    raise ValueError(f"grid must be at least 1x1, got {height}x{width}")
+  edges = _validate_band_args(num_bands, edges, tau)
+  fy = np.fft.fftfreq(height)[:, None]
+  fx = np.fft.fftfreq(width)[None, :]
+  # Normalised radius: 1 at the Nyquist frequency of one axis, sqrt(2) in the corner.
+  rho = np.sqrt(fy ** 2 + fx ** 2) / 0.5
+  steps = [_sigmoid((rho - e) / tau) for e in edges]  # s_1 .. s_{K-1}
+  # Telescoping differences of 1 >= s_1 >= ... >= s_{K-1} >= 0 give a partition of unity.
+  bounds = [np.ones_like(rho)] + steps + [np.zeros_like(rho)]
+  return np.stack([bounds[k] - bounds[k + 1] for k in range(num_bands)]).astype(np.float64)
+
+
+def band_multipliers(masks: np.ndarray) -> np.ndarray:
+  """Returns the effective Fourier multipliers G_k (K, H, W) of the iterative split, float64."""
+  masks = np.asarray(masks, np.float64)
+  num_bands = masks.shape[0]
+  out = []
+  remaining = np.ones_like(masks[0])  # prod_{j<k} (1 - M_j): what r_k keeps of z.
+  for k in range(num_bands - 1):
+    out.append(masks[k] * remaining)
+    remaining = remaining * (1.0 - masks[k])
+  out.append(remaining)
+  return np.stack(out)
+
+
+def band_operator(masks: np.ndarray) -> np.ndarray:
+  """Returns the real split operator (K, H*W, H*W), float64: b_k[q] = sum_p op[k, q, p] z[p]."""
+  mult = band_multipliers(masks)
+  num_bands, height, width = mult.shape
+  # All P_k are Fourier-diagonal, so the composed band operator is the circular convolution with
+  # kernel g_k = ifft2(G_k). The radial multipliers are even in frequency (rho depends on fy^2 and
+  # fx^2, and fftfreq's Nyquist bin maps to itself under negation), hence Hermitian-symmetric and
+  # real, so g_k is real (and even): the operator is a real (symmetric) matrix and taking real() in
+  # the FFT path only discards rounding error.
+  kernels = np.fft.ifft2(mult, axes=(1, 2))
+  imag = np.max(np.abs(kernels.imag))
+  if imag > 1e-10:
+    raise AssertionError(f"band kernels are not real (max imag {imag}); masks not even?")
+  kernels = kernels.real
+  qy, qx = np.divmod(np.arange(height * width), width)
+  dy = (qy[:, None] - qy[None, :]) % height
+  dx = (qx[:, None] - qx[None, :]) % width
+  return kernels[:, dy, dx]
+
+
+def split_bands_fft(z: jax.Array, masks) -> jax.Array:
+  """Reference split: literal FFT iteration over the H, W axes; (B,H,W,C) -> (K,B,H,W,C)."""
+  z = jnp.asarray(z, jnp.float32)
+  masks = jnp.asarray(masks, jnp.float32)
+  residual = z
+  bands = []
+  for k in range(masks.shape[0] - 1):
+    spec = jnp.fft.fft2(residual, axes=(1, 2))
+    band = jnp.real(jnp.fft.ifft2(masks[k][None, :, :, None] * spec, axes=(1, 2)))
+    bands.append(band)
+    residual = residual - band
+  bands.append(residual)
+  return jnp.stack(bands)
+
+
+def split_bands_matmul(z: jax.Array, operator) -> jax.Array:
+  """Fast split: one einsum with the precomputed (K, H*W, H*W) operator; z -> (K,B,H,W,C)."""
+  z = jnp.asarray(z, jnp.float32)
+  batch, height, width, channels = z.shape
+  operator = jnp.asarray(operator, jnp.float32)
+  if operator.shape[1:] != (height * width, height * width):
+    raise ValueError(
+        f"operator {operator.shape} does not match a {height}x{width} grid")
+  flat = z.reshape(batch, height * width, channels)
+  # A plain matmul over the grid positions: on TPU this runs on the MXU; HIGHEST keeps f32
+  # accuracy (TPU default would be bf16 passes) so it agrees with the FFT reference to 1e-5.
+  bands = jnp.einsum("kqp,bpc->kbqc", operator, flat, precision=_HIGHEST)
+  return bands.reshape(operator.shape[0], batch, height, width, channels)
+
+
+@dataclasses.dataclass(frozen=True)
+class BandProjector:
+  """Fixed K-band radial split of an H x W grid (hashable; usable as a static jit argument)."""
+
+  height: int
+  width: int
+  num_bands: int = 4
+  edges: tuple[float, ...] | None = None
+  tau: float = 0.02
+  method: str = "matmul"
+
+  def __post_init__(self):
+    """Validates the arguments and freezes the edges into a tuple."""
+    if self.method not in ("matmul", "fft"):
+      raise ValueError(f"method must be 'matmul' or 'fft', got {self.method!r}")
+    if self.height < 1 or self.width < 1:
+      raise ValueError(f"grid must be at least 1x1, got {self.height}x{self.width}")
+    edges = _validate_band_args(self.num_bands, self.edges, self.tau)
+    object.__setattr__(self, "edges", edges)
+
+  @functools.cached_property
+  def masks(self) -> np.ndarray:
+    """Radial masks M_k, (K, H, W) float32."""
+    return radial_masks(self.height, self.width, self.num_bands, self.edges,
+                        self.tau).astype(np.float32)
+
+  @functools.cached_property
+  def operator(self) -> np.ndarray:
+    """Real split operator (K, H*W, H*W) float32, built in float64 then rounded."""
+    masks = radial_masks(self.height, self.width, self.num_bands, self.edges, self.tau)
+    return band_operator(masks).astype(np.float32)
+
+  def split(self, z: jax.Array, first_band: int = 0) -> jax.Array:
+    """Splits z (B,H,W,C) into bands (K - first_band, B,H,W,C), float32."""
+    if z.shape[1:3] != (self.height, self.width):
+      raise ValueError(f"latent grid {z.shape[1:3]} != projector grid "
+                       f"{(self.height, self.width)}")
+    if not 0 <= first_band <= self.num_bands:
+      raise ValueError(f"first_band must be in [0, {self.num_bands}], got {first_band}")
+    if self.method == "fft":
+      return split_bands_fft(z, self.masks)[first_band:]
+    # Only the requested bands' rows of the operator are applied (e.g. noise for high bands).
+    return split_bands_matmul(z, self.operator[first_band:])
+
+
+def inject_band_noise(bands: jax.Array, rng: jax.Array, projector: BandProjector,
+                      tau_noise: float = 0.8, k_base: int = 1, p_band: float = 1.0,
+                      deterministic: bool = False) -> jax.Array:
+  """Adds band-limited Gaussian noise to bands k >= k_base (training only); (K,B,H,W,C)."""
+  num_bands, batch = bands.shape[0], bands.shape[1]
+  if num_bands != projector.num_bands:
+    raise ValueError(f"{num_bands} bands but projector has {projector.num_bands}")
+  if k_base < 0:
+    raise ValueError(f"k_base must be >= 0, got {k_base}")
+  if not 0.0 <= p_band <= 1.0:
+    raise ValueError(f"p_band must be in [0, 1], got {p_band}")
+  # Eval mode, or nothing to perturb: hand the bands back untouched.
+  if deterministic or k_base >= num_bands:
+    return bands
+  key_sigma, key_mask, key_eps = jax.random.split(rng, 3)
+  sigma = tau_noise * jax.random.uniform(key_sigma, (batch,), jnp.float32)
+  keep = jax.random.bernoulli(key_mask, p_band, (num_bands - k_base, batch))
+  scale = keep.astype(jnp.float32) * sigma[None, :]
+  eps = jax.random.normal(key_eps, bands.shape[1:], jnp.float32)
+  # Same projector on the noise, so each band's noise lives in that band's frequency support.
+  eps_bands = projector.split(eps, first_band=k_base)
+  noisy = bands[k_base:] + (scale[:, :, None, None, None] * eps_bands).astype(bands.dtype)
+  # Semantic bands are concatenated back as-is (bit-identical), not perturbed by 0 * noise.
+  return jnp.concatenate([bands[:k_base], noisy], axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Official-code recipe: DCT-II and zig-zag low-pass.
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _dct_matrix_cached(n: int) -> np.ndarray:
+  """Cached float64 DCT-II matrix (read-only)."""
+  k = np.arange(n)[:, None]
+  i = np.arange(n)[None, :]
+  mat = np.cos(np.pi / n * (i + 0.5) * k)
+  mat[0] *= np.sqrt(1.0 / n)
+  mat[1:] *= np.sqrt(2.0 / n)
+  mat.setflags(write=False)
+  return mat
+
+
+def dct_matrix(n: int) -> np.ndarray:
+  """Returns the orthonormal DCT-II matrix M[k, n] = c_k cos(pi/N (n + 0.5) k), float64 (N, N)."""
+  if n < 1:
+    raise ValueError(f"n must be >= 1, got {n}")
+  return _dct_matrix_cached(int(n)).copy()
+
+
+def dct2(z: jax.Array) -> jax.Array:
+  """Orthonormal 2-D DCT-II over the H, W axes of (B,H,W,C): F = M_h X M_w^T, float32."""
+  z = jnp.asarray(z, jnp.float32)
+  mh = jnp.asarray(_dct_matrix_cached(z.shape[1]), jnp.float32)
+  mw = jnp.asarray(_dct_matrix_cached(z.shape[2]), jnp.float32)
+  out = jnp.einsum("kh,bhwc->bkwc", mh, z, precision=_HIGHEST)
+  return jnp.einsum("lw,bkwc->bklc", mw, out, precision=_HIGHEST)
+
+
+def idct2(f: jax.Array) -> jax.Array:
+  """Inverse of dct2 over the H, W axes of (B,H,W,C): X = M_h^T F M_w, float32."""
+  f = jnp.asarray(f, jnp.float32)
+  mh = jnp.asarray(_dct_matrix_cached(f.shape[1]), jnp.float32)
+  mw = jnp.asarray(_dct_matrix_cached(f.shape[2]), jnp.float32)
+  out = jnp.einsum("kh,bkwc->bhwc", mh, f, precision=_HIGHEST)
+  return jnp.einsum("lw,bhlc->bhwc", mw, out, precision=_HIGHEST)
+
+
+def zigzag_order(height: int, width: int) -> np.ndarray:
+  """Returns flat indices ky*W + kx of all DCT positions in the official (transposed) zig-zag."""
+  order = []
+  for s in range(height + width - 1):
+    # Valid rows on the anti-diagonal ky + kx = s (clipped to the grid).
+    rows = range(max(0, s - width + 1), min(s, height - 1) + 1)
+    # Even s: from (ky=0, kx=s) towards (ky=s, kx=0); odd s: the reverse. Transpose of JPEG.
+    rows = rows if s % 2 == 0 else reversed(rows)
+    order.extend(ky * width + (s - ky) for ky in rows)
+  return np.asarray(order, np.int64)
+
+
+def zigzag_rank(height: int, width: int) -> np.ndarray:
+  """Returns the (H, W) int array giving each DCT position's rank in the zig-zag order."""
+  rank = np.empty(height * width, np.int64)
+  rank[zigzag_order(height, width)] = np.arange(height * width)
+  return rank.reshape(height, width)
+
+
+def dct_lowpass(z: jax.Array, keep) -> jax.Array:
+  """Keeps the first `keep` (int or per-sample (B,) ints) zig-zag DCT coefficients of z."""
+  z = jnp.asarray(z, jnp.float32)
+  rank = jnp.asarray(zigzag_rank(z.shape[1], z.shape[2]), jnp.int32)
+  keep = jnp.asarray(keep, jnp.int32)
+  if keep.ndim == 0:
+    keep = keep[None]
+  elif keep.shape != (z.shape[0],):
+    raise ValueError(f"keep must be a scalar or shape ({z.shape[0]},), got {keep.shape}")
+  # Hard binary mask, identical for every channel (official `reorder_1d` low mode).
+  mask = (rank[None, :, :] < keep[:, None, None]).astype(jnp.float32)[..., None]
+  return idct2(dct2(z) * mask)
+
+
+def official_keep_counts(rng: jax.Array, batch_size: int, train: bool, count: int,
+                         count_min: int, count_max: int, apply_prob: float,
+                         per_sample: bool = True, uniform: bool = True):
+  """Draws the official mask decision: (apply: bool scalar, keep: (B,) int32)."""
+  if count_min > count_max:
+    raise ValueError(f"count_min {count_min} > count_max {count_max}")
+  if not train:
+    # Eval mode: no coin, deterministic keep = count (reference §1.5 and §7 bug 2).
+    return jnp.asarray(True), jnp.full((batch_size,), count, jnp.int32)
+  key_coin, key_keep = jax.random.split(rng)
+  # One coin per batch: the official code skips the mask iff rand(()) >= apply_prob.
+  apply = jax.random.uniform(key_coin, ()) < apply_prob
+  if uniform:
+    shape = (batch_size,) if per_sample else ()
+    keep = jax.random.randint(key_keep, shape, count_min, count_max + 1, jnp.int32)
+    keep = jnp.broadcast_to(keep, (batch_size,))
+  else:
+    # Not used by any official config; assumed to fall back to the fixed count.
+    keep = jnp.full((batch_size,), count, jnp.int32)
+  return apply, keep
+
+
+def official_band_mask(z: jax.Array, rng: jax.Array, train: bool, count: int, count_min: int,
+                       count_max: int, apply_prob: float, per_sample: bool = True,
+                       uniform: bool = True, enabled: bool = True) -> jax.Array:
+  """Official-code frequency module on z (B,H,W,C): random (train) or fixed (eval) DCT low-pass."""
+  if not enabled:
+    return z
+  apply, keep = official_keep_counts(rng, z.shape[0], train, count, count_min, count_max,
+                                     apply_prob, per_sample, uniform)
+  out = dct_lowpass(z, keep)
+  if not train:
+    return out
+  # A select (not a cond) keeps it vmap/sharding friendly; the skipped branch is exactly z.
+  return jnp.where(apply, out, jnp.asarray(z, jnp.float32))
