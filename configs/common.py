@@ -1,0 +1,121 @@
+"""Shared pieces of the stage configs: the full-size base and the CPU-sized `tiny` overrides.
+
+A config file's `get_config(arg)` takes a big_vision-style argument string, e.g.
+`--config=configs/stage3.py:tiny` or `--config=configs/stage1.py:tiny,steps=40`.
+"""
+import ml_collections
+
+from uae_jax.data.config import default_input_config
+
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def parse_arg(arg, **defaults):
+  """Parses 'tiny,steps=40' into a ConfigDict over `defaults` (flags without '=' become True)."""
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in out:
+      raise KeyError(f"config argument {key!r} is unknown; known: {sorted(out.keys())}")
+    if not value:
+      out[key] = True
+    else:
+      out[key] = type(defaults[key])(value) if not isinstance(defaults[key], bool) else value in ("1", "true", "True")
+  return out
+
+
+def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
+  """The full-size paper recipe of one stage (DINOv2-B with registers, ViT-XL decoder)."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.recipe = recipe
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.encoder = ml_collections.ConfigDict(dict(
+      size="B", num_registers=4, input_size=224, pos_embed_grid=37,
+      pos_embed_convention="antialiased_bicubic", final_norm_affine=False, remat_policy="none"))
+  c.model.decoder = ml_collections.ConfigDict(dict(size="XL", remat_policy="none"))
+  c.model.num_bands = 4
+  c.model.band_edges = ()           # () = e_k = k*sqrt(2)/K
+  c.model.band_tau = 0.02
+  c.model.band_method = "matmul"
+  c.model.use_modulator = recipe == "paper"
+  c.model.dct_enabled = False
+  c.model.dct_count = 36
+  c.model.dct_count_min = 32
+  c.model.dct_count_max = 256
+  c.model.dct_apply_prob = 0.5
+  c.compute_dtype = "float32"        # 'bfloat16' for bf16 compute with float32 master weights
+
+  c.input = default_input_config()
+  c.input.source = "tfds"
+  c.input.name = "imagenet2012"
+  c.input.eval_split = "validation"
+  c.input.num_workers = 16
+  c.input.eval_max_examples = 10_000
+  c.num_train_examples = IMAGENET_TRAIN_EXAMPLES
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_epochs = 16.0
+  c.train.total_steps = -1           # -1: num_epochs * num_train_examples // global batch
+  c.train.encoder_trainable = stage > 1
+
+  c.optim = ml_collections.ConfigDict(dict(
+      peak_lr=2e-4, end_lr=2e-5, warmup_epochs=1.0, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.0, grad_clip=0.0, ema_decay=0.9978))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      l1=1.0, lpips=1.0, semantic=0.0 if stage == 1 else 0.5, k_base=1,
+      noise_tau=0.8 if stage == 3 else 0.0, p_band=1.0,
+      # Official recipe only: clean-reconstruction pass and zig-zag semantic loss.
+      clean_l1=0.0, clean_lpips=0.0, semantic_first_k=64))
+
+  c.gan = ml_collections.ConfigDict(dict(
+      enabled=stage == 3, backbone="S8", weight=0.75, max_weight=1e4, d_start_frac=6 / 16,
+      g_start_frac=8 / 16, translation=0.125, cutout=0.0, disc_lr=2e-4, disc_end_lr=2e-5,
+      disc_backbone_path=""))
+
+  c.init = ml_collections.ConfigDict(dict(
+      dinov2="",            # converted DINOv2 dir (python -m uae_jax.convert dinov2 ...)
+      official_uae="",      # official PyTorch UAE checkpoint to import (official recipe)
+      from_stage="",        # previous stage's workdir (or checkpoint dir): start from its EMA
+      allow_random_encoder=False))
+
+  c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.log_every_steps = 100
+  c.image_every_steps = 2500
+  c.eval_every_steps = 2500
+  c.eval_batches = 0                 # 0 = the whole eval split (capped by eval_max_examples)
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
+  # Logical axis -> mesh axis. FSDP shards the model width; the batch goes over both axes.
+  c.sharding_rules = (("embed", "fsdp"), ("mlp", None), ("heads", None))
+  return c
+
+
+def apply_tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+  """Shrinks a config so it runs on this 2-core CPU: tiny encoder/decoder, 64 px, bundled photos."""
+  c.model.encoder.update(size="tiny", input_size=56, pos_embed_grid=4)
+  c.model.decoder.size = "tiny"
+  c.model.dct_count, c.model.dct_count_min, c.model.dct_count_max = 4, 2, 16
+  c.model.band_method = "matmul"
+  c.input = default_input_config()
+  c.input.image_size = 64
+  c.input.global_batch_size = 8
+  c.input.eval_global_batch_size = 8
+  c.input.num_threads = 2
+  c.num_train_examples = 0           # unused: total_steps is set
+  c.train.total_steps = steps
+  c.optim.peak_lr = 1e-3
+  c.optim.end_lr = 1e-4
+  c.optim.warmup_epochs = 0.0
+  c.optim.ema_decay = 0.9
+  c.gan.backbone = "tiny"
+  c.init.allow_random_encoder = True
+  c.ckpt.every_steps = max(steps // 2, 1)
+  c.log_every_steps = max(steps // 10, 1)
+  c.image_every_steps = steps
+  c.eval_every_steps = steps
+  c.eval_batches = 1
+  return c
