@@ -1,0 +1,198 @@
+"""DiffAug, GAN losses, adaptive weight, schedule and fake quantisation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uae_jax.losses import diffaug
+from uae_jax.losses import gan
+
+
+def _images(key, shape):
+  return jax.random.uniform(jax.random.key(key), shape, minval=-1.0, maxval=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# DiffAug
+
+
+def test_color_neutral_factors_are_identity():
+  x = _images(0, (3, 8, 8, 3))
+  b = jnp.zeros(3)
+  np.testing.assert_allclose(diffaug.adjust_color(x, b, b + 1.0, b + 1.0), x, atol=1e-6)
+
+
+def test_color_ops_match_formulas():
+  x = np.asarray(_images(1, (2, 5, 6, 3)))
+  bri, sat, con = np.array([0.3, -0.2]), np.array([0.0, 1.7]), np.array([0.5, 1.4])
+  ref = x + bri[:, None, None, None]
+  m = ref.mean(-1, keepdims=True)
+  ref = (ref - m) * sat[:, None, None, None] + m
+  m = ref.mean((1, 2, 3), keepdims=True)
+  ref = (ref - m) * con[:, None, None, None] + m
+  out = diffaug.adjust_color(jnp.asarray(x), jnp.asarray(bri), jnp.asarray(sat), jnp.asarray(con))
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # Saturation 0 makes sample 0 grey: all channels equal their per-pixel mean (after brightness).
+  np.testing.assert_allclose(out[0, ..., 0], out[0, ..., 1], atol=1e-6)
+  # Brightness alone adds a constant.
+  z = jnp.zeros(2)
+  np.testing.assert_allclose(diffaug.adjust_color(jnp.asarray(x), z + 0.25, z + 1, z + 1), x + 0.25,
+                             atol=1e-6)
+
+
+def test_translate_known_shift_moves_pixels_and_fills_zeros():
+  h, w = 6, 7
+  x = jnp.arange(2 * h * w * 3, dtype=jnp.float32).reshape(2, h, w, 3) + 1.0
+  out = np.asarray(diffaug.translate(x, jnp.array([2, 0]), jnp.array([-1, 0])))
+  xn = np.asarray(x)
+  np.testing.assert_array_equal(out[1], xn[1])  # zero shift: unchanged
+  for i in range(h):
+    for j in range(w):
+      si, sj = i + 2, j - 1
+      want = xn[0, si, sj] if (0 <= si < h and 0 <= sj < w) else np.zeros(3)
+      np.testing.assert_array_equal(out[0, i, j], want)
+  assert (out[0, h - 2:] == 0).all() and (out[0, :, 0] == 0).all()
+  # Shifts beyond the image read only padding.
+  assert (np.asarray(diffaug.translate(x, jnp.array([h + 3, -h]), jnp.array([0, 0]))) == 0).all()
+
+
+def test_sample_params_ranges():
+  p = diffaug.sample_params(jax.random.key(0), 4000, 256, 128)
+  assert int(p["shift_h"].min()) == -32 and int(p["shift_h"].max()) == 32
+  assert int(p["shift_w"].min()) == -16 and int(p["shift_w"].max()) == 16
+  assert len(np.unique(np.asarray(p["shift_h"]))) == 65
+  assert -0.5 <= float(p["brightness"].min()) and float(p["brightness"].max()) < 0.5
+  assert 0.0 <= float(p["saturation"].min()) and float(p["saturation"].max()) < 2.0
+  assert 0.5 <= float(p["contrast"].min()) and float(p["contrast"].max()) < 1.5
+  # translation=0 draws no shift at all.
+  p0 = diffaug.sample_params(jax.random.key(0), 100, 256, 256, translation=0.0)
+  assert int(jnp.abs(p0["shift_h"]).max()) == 0 and int(jnp.abs(p0["shift_w"]).max()) == 0
+
+
+def test_diff_augment_is_translation_then_color():
+  x = _images(2, (3, 16, 16, 3))
+  rng = jax.random.key(5)
+  p = diffaug.sample_params(rng, 3, 16, 16)
+  ref = diffaug.adjust_color(diffaug.translate(x, p["shift_h"], p["shift_w"]), p["brightness"],
+                             p["saturation"], p["contrast"])
+  out = diffaug.diff_augment(rng, x)
+  assert out.dtype == jnp.float32 and out.shape == x.shape
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # With translation 0 it is the colour op alone.
+  np.testing.assert_allclose(
+      diffaug.diff_augment(rng, x, translation=0.0),
+      diffaug.adjust_color(x, p["brightness"], p["saturation"], p["contrast"]), atol=1e-6)
+
+
+def test_diff_augment_determinism_and_per_sample_independence():
+  x = _images(3, (4, 16, 16, 3))
+  rng = jax.random.key(7)
+  a = diffaug.diff_augment(rng, x)
+  np.testing.assert_array_equal(a, diffaug.diff_augment(rng, x))
+  assert float(jnp.abs(a - diffaug.diff_augment(jax.random.key(8), x)).max()) > 1e-2
+  # Output sample 0 depends only on input sample 0.
+  x2 = x.at[1:].set(_images(4, (3, 16, 16, 3)))
+  np.testing.assert_array_equal(diffaug.diff_augment(rng, x2)[0], a[0])
+  # Each sample gets its own draw: a repeated image is augmented differently.
+  rep = jnp.broadcast_to(x[:1], x.shape)
+  r = diffaug.diff_augment(rng, rep)
+  assert float(jnp.abs(r[0] - r[1]).max()) > 1e-2
+
+
+def test_diff_augment_is_differentiable():
+  x = _images(9, (2, 16, 16, 3))
+  g = jax.grad(lambda x: jnp.sum(diffaug.diff_augment(jax.random.key(0), x) ** 2))(x)
+  assert bool(jnp.isfinite(g).all()) and float(jnp.abs(g).max()) > 0
+
+
+def _reference_cutout(h, w, ch, cw, oh, ow):
+  """The reference's clamped index scatter, for one sample."""
+  m = np.ones((h, w))
+  rows = np.clip(np.arange(ch) + oh - ch // 2, 0, h - 1)
+  cols = np.clip(np.arange(cw) + ow - cw // 2, 0, w - 1)
+  m[np.ix_(rows, cols)] = 0
+  return m
+
+
+@pytest.mark.parametrize("ch,cw,oh,ow", [(3, 3, 4, 4), (3, 2, 0, 0), (4, 4, 8, 7), (2, 5, 7, 1)])
+def test_cutout_mask_matches_reference_scatter(ch, cw, oh, ow):
+  m = diffaug.cutout_mask(8, 8, ch, cw, jnp.array([oh]), jnp.array([ow]))[0]
+  np.testing.assert_array_equal(m, _reference_cutout(8, 8, ch, cw, oh, ow))
+
+
+def test_cutout_default_off_and_on():
+  x = jnp.ones((2, 16, 16, 3)) * 0.5
+  rng = jax.random.key(1)
+  p = diffaug.sample_params(rng, 2, 16, 16, translation=0.0)
+  colour = diffaug.adjust_color(x, p["brightness"], p["saturation"], p["contrast"])
+  np.testing.assert_allclose(diffaug.diff_augment(rng, x, translation=0.0), colour, atol=1e-6)
+  out = diffaug.diff_augment(rng, x, translation=0.0, cutout=0.25)
+  zeros = np.asarray((out == 0).all(-1)).sum((1, 2))
+  assert (zeros > 0).all() and (zeros <= 16).all()  # a 4x4 box, clipped at the borders
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses, adaptive weight, schedule, quantisation
+
+
+def test_hinge_and_generator_losses():
+  real = jnp.array([2.0, 0.5, -1.0])
+  fake = jnp.array([-2.0, 0.0, 0.5])
+  # relu(1 - real) = [0, .5, 2] (mean 5/6); relu(1 + fake) = [0, 1, 1.5] (mean 5/6).
+  np.testing.assert_allclose(gan.hinge_d_loss(real, fake), 5.0 / 6.0, rtol=1e-6)
+  np.testing.assert_allclose(gan.hinge_d_loss(jnp.full((2, 4), 3.0), jnp.full((2, 4), -3.0)), 0.0)
+  np.testing.assert_allclose(gan.generator_loss(jnp.array([[1.0, 2.0], [3.0, 6.0]])), -3.0)
+
+
+def test_adaptive_weight_formula_cap_and_no_gradient():
+  g_rec = jnp.array([[3.0, 0.0], [0.0, 4.0]])  # norm 5
+  g_gan = jnp.array([0.0, 2.0])                 # norm 2
+  np.testing.assert_allclose(gan.adaptive_weight(g_rec, g_gan), 5.0 / (2.0 + 1e-6), rtol=1e-6)
+  np.testing.assert_allclose(gan.adaptive_weight(g_rec, jnp.zeros(2)), 1e4)  # 5e6 capped
+  np.testing.assert_allclose(gan.adaptive_weight(g_rec, g_gan * 1e-3, max_weight=100.0), 100.0)
+  # Pytrees: global norm over leaves.
+  tree = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+  np.testing.assert_allclose(gan.adaptive_weight(tree, jnp.array([1.0])), 5.0 / (1.0 + 1e-6),
+                             rtol=1e-6)
+  grad = jax.grad(lambda g: gan.adaptive_weight(g, g_gan))(g_rec)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_last_layer_grads():
+  rs = np.random.RandomState(0)
+  w, x = jnp.asarray(rs.randn(4, 3), jnp.float32), jnp.asarray(rs.randn(5, 4), jnp.float32)
+  params = {"decoder": {"pred": {"kernel": w, "bias": jnp.zeros(3)}, "embed": jnp.ones(2)}}
+  loss_a = lambda p: jnp.sum((x @ p["decoder"]["pred"]["kernel"]) ** 2)
+  loss_b = lambda p: jnp.sum(x @ p["decoder"]["pred"]["kernel"]) * p["decoder"]["embed"][0]
+  g_a, g_b = jax.jit(lambda p: gan.last_layer_grads((loss_a, loss_b), p))(params)
+  np.testing.assert_allclose(g_a, 2 * x.T @ (x @ w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_b, x.T @ jnp.ones((5, 3)), rtol=1e-5, atol=1e-5)
+  lam = gan.adaptive_weight(g_a, g_b)
+  np.testing.assert_allclose(lam, np.linalg.norm(g_a) / (np.linalg.norm(g_b) + 1e-6), rtol=1e-5)
+
+
+@pytest.mark.parametrize("step,d_on,g_on", [(0, False, False), (59, False, False),
+                                            (60, True, False), (79, True, False),
+                                            (80, True, True), (159, True, True)])
+def test_schedule_switches_at_6_and_8_sixteenths(step, d_on, g_on):
+  d, g = gan.gan_schedule_weights(step, 160)
+  assert (bool(d), bool(g)) == (d_on, g_on)
+  assert d.dtype == jnp.bool_ and g.dtype == jnp.bool_
+  # Traced step and traced total give the same answer (one compiled step for the stage).
+  d, g = jax.jit(gan.gan_schedule_weights)(jnp.int32(step), jnp.int32(160))
+  assert (bool(d), bool(g)) == (d_on, g_on)
+
+
+def test_schedule_does_not_recompile():
+  f = jax.jit(lambda s: gan.gan_schedule_weights(s, 160))
+  outs = [tuple(bool(t) for t in f(jnp.int32(s))) for s in (0, 60, 80)]
+  assert outs == [(False, False), (True, False), (True, True)]
+  assert f._cache_size() == 1
+
+
+def test_quantize_fake():
+  x = jnp.array([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0, 0.001, -0.002])
+  # round((x+1)*127.5): 0, 0, 128 (127.5 rounds half to even), 191 (191.25), 255, 255, 128, 127.
+  levels = np.array([0, 0, 128, 191, 255, 255, 128, 127])
+  np.testing.assert_allclose(gan.quantize_fake(x), levels / 127.5 - 1.0, atol=1e-7)
+  np.testing.assert_allclose(gan.quantize_fake(x)[:3], [-1.0, -1.0, 0.5 / 127.5], atol=1e-7)
