@@ -1,0 +1,84 @@
+"""Command line: `python -m uae_jax.convert {dinov2, uae-import, uae-export, dino-disc} ...`.
+
+  python -m uae_jax.convert dinov2 --src FILE_OR_HF_DIR --out DIR [--variant auto|hf|timm|fair]
+         [--input-size 224] [--size B] [--drop-final-norm]
+  python -m uae_jax.convert uae-import --src FILE --out DIR [--which ema|model]
+  python -m uae_jax.convert uae-export --src DIR --out FILE.safetensors [--key-style hf4|hf5]
+  python -m uae_jax.convert dino-disc --src FILE --out DIR [--zero-key-bias]
+
+Output directories hold `params.msgpack` + `arch.json` (see uae_jax/convert/flax_io.py).
+Exit status 2 and one message listing every problem on a ConversionError.
+"""
+import argparse
+import json
+import sys
+
+from uae_jax.convert.tables import ConversionError
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m uae_jax.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  d = sub.add_parser("dinov2", help="DINOv2 (HF / timm / FAIR hub) -> Flax DinoV2 params")
+  d.add_argument("--src", required=True, help=".safetensors / .pth / .bin file or HF model dir")
+  d.add_argument("--out", required=True, help="output directory")
+  d.add_argument("--variant", default="auto", choices=("auto", "hf", "timm", "fair"))
+  d.add_argument("--input-size", type=int, default=224, help="encoder input resolution (px)")
+  d.add_argument("--size", default=None, help="expected DinoV2 size (S/B/L/g/tiny); refuse others")
+  d.add_argument("--drop-final-norm", action="store_true",
+                 help="discard the final LayerNorm affine (UAE's encoder has none)")
+  ui = sub.add_parser("uae-import", help="official UAE checkpoint -> Flax params")
+  ui.add_argument("--src", required=True)
+  ui.add_argument("--out", required=True)
+  ui.add_argument("--which", default="ema", choices=("ema", "model"))
+  ui.add_argument("--encoder-input-size", type=int, default=224)
+  ue = sub.add_parser("uae-export", help="Flax UAE params dir -> official-layout .safetensors")
+  ue.add_argument("--src", required=True, help="directory with params.msgpack + arch.json")
+  ue.add_argument("--out", required=True, help="output .safetensors file")
+  ue.add_argument("--key-style", default="hf4", choices=("hf4", "hf5"),
+                  help="encoder attention names: hf4 = transformers-4 / on-disk (official code), "
+                       "hf5 = transformers-5 in-memory")
+  ue.add_argument("--decoder-grid", type=int, default=None,
+                  help="latent grid of the written decoder_pos_embed (default: from arch.json, 16)")
+  dd = sub.add_parser("dino-disc", help="DINO ViT-S/8 discriminator backbone -> Flax params")
+  dd.add_argument("--src", required=True)
+  dd.add_argument("--out", required=True)
+  dd.add_argument("--zero-key-bias", action="store_true",
+                  help="zero the key third of attn.qkv.bias as the official code does (no effect)")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.cmd == "dinov2":
+      from uae_jax.convert import dinov2
+      _, arch = dinov2.convert_dinov2_file(args.src, args.out, variant=args.variant,
+                                           input_size=args.input_size, size=args.size,
+                                           drop_final_norm=args.drop_final_norm)
+      print(f"wrote {args.out}/params.msgpack and arch.json: DinoV2({json.dumps(arch)})")
+    elif args.cmd == "uae-import":
+      from uae_jax.convert import uae
+      _, arch = uae.import_official_uae_to_dir(args.src, args.out, args.which,
+                                               encoder_input_size=args.encoder_input_size)
+      print(f"wrote {args.out}/params.msgpack and arch.json: encoder DinoV2({json.dumps(arch['encoder'])}),"
+            f" decoder PixelDecoder({json.dumps(arch['decoder'])}), recipe {arch['recipe']}")
+    elif args.cmd == "uae-export":
+      from uae_jax.convert import uae
+      sd = uae.export_official_uae_from_dir(args.src, args.out, key_style=args.key_style,
+                                            decoder_grid=args.decoder_grid)
+      print(f"wrote {args.out}: {len(sd)} tensors ({args.key_style} encoder names)")
+    elif args.cmd == "dino-disc":
+      from uae_jax.convert import discriminator
+      _, arch = discriminator.convert_dino_disc_file(args.src, args.out,
+                                                     zero_key_bias=args.zero_key_bias)
+      print(f"wrote {args.out}/params.msgpack and arch.json: {json.dumps(arch)}")
+  except ConversionError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
