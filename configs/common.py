@@ -34,8 +34,12 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.encoder = ml_collections.ConfigDict(dict(
       size="B", num_registers=4, input_size=224, pos_embed_grid=37,
-      pos_embed_convention="antialiased_bicubic", final_norm_affine=False, remat_policy="none"))
-  c.model.decoder = ml_collections.ConfigDict(dict(size="XL", remat_policy="none"))
+      pos_embed_convention="antialiased_bicubic", final_norm_affine=False, remat_policy="none",
+      scan_blocks=False))
+  # remat_policy: 'none' | 'full' | 'dots' | 'dots_no_batch'. scan_blocks: one nn.scan over
+  # stacked block params (faster compiles; layout conversion in uae_jax/models/scan_utils.py).
+  c.model.decoder = ml_collections.ConfigDict(dict(size="XL", patch_size=16, remat_policy="none",
+                                                   scan_blocks=False))
   c.model.num_bands = 4
   c.model.band_edges = ()           # () = e_k = k*sqrt(2)/K
   c.model.band_tau = 0.02
@@ -53,6 +57,9 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
   c.input.name = "imagenet2012"
   c.input.eval_split = "validation"
   c.input.num_workers = 16
+  # Buffers are per worker: 16 x (1 + 2) batches of 512 x 256^2 float32 stays near 10 GB per host.
+  c.input.num_threads = 1
+  c.input.prefetch_buffer_size = 2
   c.input.eval_max_examples = 10_000
   c.num_train_examples = IMAGENET_TRAIN_EXAMPLES
 
@@ -96,9 +103,10 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
 
 def apply_tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   """Shrinks a config so it runs on this 2-core CPU: tiny encoder/decoder, 64 px, bundled photos."""
-  c.model.encoder.update(size="tiny", input_size=56, pos_embed_grid=4)
-  c.model.decoder.size = "tiny"
-  c.model.dct_count, c.model.dct_count_min, c.model.dct_count_max = 4, 2, 16
+  # 64 px images, encoder input 112 px -> an 8 x 8 latent grid, decoder patch 8 -> 64 px again.
+  c.model.encoder.update(size="tiny", input_size=112, pos_embed_grid=8)
+  c.model.decoder.update(size="tiny", patch_size=8)
+  c.model.dct_count, c.model.dct_count_min, c.model.dct_count_max = 9, 8, 64
   c.model.band_method = "matmul"
   c.input = default_input_config()
   c.input.image_size = 64

@@ -17,5 +17,5 @@ def get_config(arg=None):
   c.gan.d_start_frac, c.gan.g_start_frac = 6 / 17, 8 / 17
   if a.tiny:
     c = common.apply_tiny(c, a.steps)
-    c.loss.semantic_first_k = 6
+    c.loss.semantic_first_k = 16
   return c

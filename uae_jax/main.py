@@ -21,6 +21,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  from uae_jax.metric_writers import quiet_library_logs
+  quiet_library_logs()
   import jax
   if _MULTIHOST.value:
     jax.distributed.initialize()

@@ -14,6 +14,19 @@ from absl import logging
 from PIL import Image
 
 
+class _QuietLibraries:
+  """absl log filter: drops INFO chatter from Orbax/Grain internals (warnings still pass)."""
+
+  def filter(self, record):
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "tensorstore"))
+    return record.levelno >= 30 or not noisy
+
+
+def quiet_library_logs():
+  """Keeps the console readable: library INFO lines are dropped, our own lines and warnings kept."""
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard, images to PNG and TensorBoard."""
 

@@ -24,6 +24,11 @@ from uae_jax.checkpoint import manager as ckpt_lib
 from uae_jax.data import pipeline
 from uae_jax.metric_writers import MetricWriter, ProgressLine, image_grid
 from uae_jax.models import lpips as lpips_lib
+from uae_jax.models import scan_utils
+
+
+# Test hook (tests/test_train.py): SIGKILL this process right after the given step.
+_KILL_AFTER_STEP = int(os.environ.get("UAE_JAX_SIGKILL_AFTER_STEP", "-1"))
 
 
 class ConfigError(ValueError):
@@ -34,7 +39,7 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the last good checkpoint is left intact."""
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
   """Checks everything that can be checked before any compute; raises ConfigError naming the key."""
   if config.stage not in (1, 2, 3):
     raise ConfigError(f"stage={config.stage}: expected 1, 2 or 3")
@@ -56,17 +61,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"stage {config.stage} starts from the previous stage: set init.from_stage")
   if config.gan.enabled and not config.gan.disc_backbone_path and not allow_random:
     raise ConfigError("gan.enabled needs gan.disc_backbone_path (DINO ViT-S/8 weights)")
-  if config.gan.enabled and config.gan.d_start_frac > 1 or config.gan.g_start_frac > 1:
+  if config.gan.enabled and max(config.gan.d_start_frac, config.gan.g_start_frac) > 1:
     raise ConfigError("gan.d_start_frac and gan.g_start_frac are fractions of the stage (<= 1)")
-  n_dev = jax.device_count()
+  n_dev = num_devices or jax.device_count()
   if config.input.global_batch_size % n_dev:
     raise ConfigError(f"input.global_batch_size={config.input.global_batch_size} is not divisible "
                       f"by the {n_dev} devices")
   if steps_lib.total_steps(config) <= 0:
     raise ConfigError("train.total_steps (or num_epochs * num_train_examples) must be positive")
-  if config.input.image_size != 16 * (config.model.encoder.input_size // 14):
-    raise ConfigError(f"input.image_size={config.input.image_size} must be 16 x the encoder grid "
-                      f"({config.model.encoder.input_size} // 14) so the decoder output matches")
+  grid = config.model.encoder.input_size // 14
+  if config.input.image_size != config.model.decoder.patch_size * grid:
+    raise ConfigError(f"input.image_size={config.input.image_size} must be model.decoder.patch_size "
+                      f"({config.model.decoder.patch_size}) x the encoder grid ({grid}) so the "
+                      "reconstruction has the input's size")
 
 
 class _Preemption:
@@ -97,6 +104,11 @@ def _place(tree, shardings):
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
 
 
+def _copy(tree):
+  """Distinct buffers for trees that appear twice in the donated state (params and EMA)."""
+  return jax.tree.map(jnp.copy, tree)
+
+
 def _abstract(state_abs, shardings):
   """ShapeDtypeStructs carrying concrete shardings (what Orbax needs to restore in place)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -106,7 +118,8 @@ def _abstract(state_abs, shardings):
 def _load_encoder_weights(config, target_abs):
   """Converted DINOv2 params for the encoder, checked against the configured architecture."""
   from uae_jax.convert import dinov2 as convert_dinov2
-  params, arch = convert_dinov2.load_dinov2(config.init.dinov2)
+  params, arch = convert_dinov2.load_dinov2(
+      config.init.dinov2, drop_final_norm=not config.model.encoder.final_norm_affine)
   want = dict(config.model.encoder)
   for key in ("size", "num_registers", "pos_embed_grid"):
     if key in arch and arch[key] != want[key]:
@@ -114,6 +127,8 @@ def _load_encoder_weights(config, target_abs):
   if arch.get("pos_embed_convention", want["pos_embed_convention"]) != want["pos_embed_convention"]:
     logging.warning("init.dinov2 was converted with pos_embed_convention=%s but the config says %s",
                     arch["pos_embed_convention"], want["pos_embed_convention"])
+  # Converted weights are unrolled (blocks_{i}); a scanned encoder wants them stacked.
+  params = scan_utils.to_layout(params, bool(want.get("scan_blocks", False)))
   _check_same_shapes(params, target_abs, "init.dinov2")
   return params
 
@@ -133,13 +148,13 @@ def _check_same_shapes(tree, target, what):
 class Trainer:
   """Holds the compiled functions and state of one stage; `run()` trains it to the end."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    validate_config(config)
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
+    validate_config(config, len(devices) if devices is not None else None)
     self.config = config
     self.workdir = workdir
     self.is_main = jax.process_index() == 0
     self.total = steps_lib.total_steps(config)
-    self.mesh = sharding_lib.make_mesh(config.mesh)
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     self.batch_sh = sharding_lib.batch_sharding(self.mesh)
     self.repl = sharding_lib.replicated(self.mesh)
     size = config.input.image_size
@@ -164,8 +179,15 @@ class Trainer:
         steps_lib.make_train_step(config),
         in_shardings=(self.state_sh, batch_shardings, None, None),
         out_shardings=(self.state_sh, None), donate_argnums=(0,))
-    self.eval_step = jax.jit(steps_lib.make_eval_step(config))
-    self.band_decode = jax.jit(steps_lib.make_band_decode(config))
+    # Replicated outputs, so every host can read them: per-image results of a global batch
+    # otherwise live partly on other hosts (multi-host device_get fails on them).
+    eval_fn = steps_lib.make_eval_step(config)
+    self.eval_step = jax.jit(lambda p, b, l: (eval_fn(p, b, l), b["mask"]),
+                             out_shardings=self.repl)
+    band_fn = steps_lib.make_band_decode(config)
+    # Only the displayed images are decoded and replicated (a whole replicated batch is large).
+    self.band_decode = jax.jit(lambda p, x: (x[:4],) + tuple(band_fn(p, x[:4])),
+                               out_shardings=self.repl)
     self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                            keep=config.ckpt.keep, async_save=config.ckpt.async_save)
     self.writer = MetricWriter(workdir, enabled=self.is_main)
@@ -177,7 +199,7 @@ class Trainer:
     sh = sharding_lib.logical_shardings(abs_bb, self.mesh, self.config.sharding_rules)
     if self.config.gan.disc_backbone_path:
       from uae_jax.convert import discriminator as convert_disc
-      params = convert_disc.load_dino_disc(self.config.gan.disc_backbone_path)
+      params, _ = convert_disc.load_dino_disc(self.config.gan.disc_backbone_path)
       _check_same_shapes(params, nn.unbox(abs_bb), "gan.disc_backbone_path")
       return _place(params, sh)
     logging.warning("=" * 78 + "\nDISCRIMINATOR BACKBONE IS RANDOM (gan.disc_backbone_path unset). "
@@ -200,25 +222,29 @@ class Trainer:
     p_sh, p_abs = self.state_sh["params"], self.state_abs["params"]
     if c.init.from_stage:
       logging.info("init: EMA params and teacher from the previous stage at %s", c.init.from_stage)
+      layout_error = scan_utils.checkpoint_layout_error(c.init.from_stage, p_abs)
+      if layout_error:
+        raise ConfigError(layout_error)
       prev = ckpt_lib.restore_subtrees(c.init.from_stage, {"ema": p_abs,
                                                            "teacher": self.state_abs["teacher"]})
-      state.update(params=prev["ema"], ema=prev["ema"], teacher=prev["teacher"])
+      state.update(params=prev["ema"], ema=_copy(prev["ema"]), teacher=prev["teacher"])
     elif c.init.official_uae:
       from uae_jax.convert import uae as convert_uae
       logging.info("init: official UAE checkpoint %s", c.init.official_uae)
       params, _ = convert_uae.import_official_uae(c.init.official_uae)
+      params = scan_utils.match_layout(params, c.model)
       _check_same_shapes(params, p_abs, "init.official_uae")
       params = _place(params, p_sh)
       teacher = params["encoder"]
       if c.init.dinov2:
         teacher = _place(_load_encoder_weights(c, p_abs["encoder"]), p_sh["encoder"])
-      state.update(params=params, ema=params, teacher=teacher)
+      state.update(params=params, ema=_copy(params), teacher=_copy(teacher))
     elif c.init.dinov2:
       logging.info("init: encoder from converted DINOv2 %s", c.init.dinov2)
       enc = _place(_load_encoder_weights(c, p_abs["encoder"]), p_sh["encoder"])
       state["params"] = dict(state["params"], encoder=enc)
-      state["ema"] = dict(state["ema"], encoder=enc)
-      state["teacher"] = enc
+      state["ema"] = dict(state["ema"], encoder=_copy(enc))
+      state["teacher"] = _copy(enc)
     else:
       logging.warning("=" * 78 + "\nENCODER IS RANDOMLY INITIALISED (no init.dinov2 / from_stage). "
                       "The semantic band has no pretrained meaning; toy runs only.\n" + "=" * 78)
@@ -234,19 +260,21 @@ class Trainer:
         break
       mask = np.asarray(batch.pop("mask"), np.float32)
       batch.pop("index", None)
-      g = pipeline.to_global_array({"image": batch["image"]}, self.batch_sh)
-      m = jax.device_get(self.eval_step(params, g, self.lpips_params))
+      g = pipeline.to_global_array({"image": batch["image"], "mask": mask}, self.batch_sh)
+      # The global mask, in the same row order as the per-image results.
+      m, mask = jax.device_get(self.eval_step(params, g, self.lpips_params))
       for k, v in m.items():
         sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v) * mask))
       count += float(mask.sum())
+    if hasattr(it, "close"):
+      it.close()  # stop multiprocess workers now, not at garbage collection
     return {k: v / max(count, 1.0) for k, v in sums.items()}
 
   def write_image_grid(self, step: int, params, name: str):
     """Original | reconstruction | cumulative band decodes, for a few held-out images."""
     batch = next(pipeline.make_eval_iterator(self.config.input))
     g = pipeline.to_global_array({"image": batch["image"]}, self.batch_sh)["image"]
-    recon, cum = jax.device_get(self.band_decode(params, g))
-    x = np.asarray(batch["image"])
+    x, recon, cum = jax.device_get(self.band_decode(params, g))
     rows = [[x[i], recon[i]] + [cum[k, i] for k in range(cum.shape[0])] for i in range(min(4, len(x)))]
     self.writer.write_images(step, {name: image_grid(rows)})
 
@@ -257,8 +285,15 @@ class Trainer:
     data_iter = pipeline.make_train_iterator(c.input)
     state, start = self.initial_state(data_iter)
     summary = {"stage": c.stage, "recipe": c.recipe, "start_step": start, "total_steps": self.total}
+    start_file = os.path.join(self.workdir, "eval_start.json")
     if start == 0:
       summary["eval_start"] = self._eval_and_log(0, state)
+      if self.is_main:
+        with open(start_file, "w") as f:
+          json.dump(summary["eval_start"], f)
+    elif os.path.exists(start_file):  # resumed: keep the start-of-stage numbers of the first run
+      with open(start_file) as f:
+        summary["eval_start"] = json.load(f)
     progress = ProgressLine(self.total, c.input.global_batch_size, start)
     meta = {"stage": c.stage, "recipe": c.recipe, "config": c.to_json_best_effort()}
     step = start
@@ -289,6 +324,9 @@ class Trainer:
             self.writer.write_scalars(step, scalars)
         if must_save:
           self.ckpt.save(step, state, data_iter, dict(meta, step=step))
+        if step == _KILL_AFTER_STEP:  # resume tests: die hard, as a preempted VM would
+          self.ckpt.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
         if c.image_every_steps and (step % c.image_every_steps == 0 or last):
           self.write_image_grid(step, state["ema"], "recon_ema")
         if c.eval_every_steps and (step % c.eval_every_steps == 0 or last):

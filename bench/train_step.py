@@ -1,0 +1,110 @@
+"""Train-step throughput on this machine: steps/s, images/s, XLA FLOPs and the fraction of peak.
+
+    python -m bench.train_step [--steps 10] [--configs tiny,mid] [--stages 1,3]
+
+The float32 matmul peak is measured in the same run (a jitted 2048^3 matmul), so the achieved
+FLOP/s ratio compares like with like. `tiny` is the demo config (64 px, tiny encoder/decoder);
+`mid` is a DINOv2-S encoder with the 'small' decoder at 128 px.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+
+from absl import flags
+
+flags.FLAGS.mark_as_parsed()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from uae_jax import train  # noqa: E402
+from uae_jax.data import pipeline  # noqa: E402
+from uae_jax.metric_writers import quiet_library_logs  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+  """Measured float32 matmul FLOP/s of this machine (best of `reps`)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def make_config(name: str, stage: int, steps: int):
+  """The tiny demo config or the mid-size one, for a stage."""
+  import importlib
+  c = importlib.import_module(f"configs.stage{stage}").get_config(f"tiny,steps={steps}")
+  c.gan.d_start_frac = c.gan.g_start_frac = 0.0  # measure the full stage-3 step (G + D)
+  if name == "mid":
+    c.model.encoder.update(size="S", input_size=112, pos_embed_grid=8)
+    c.model.decoder.size = "small"
+    c.input.image_size = 128
+  elif name != "tiny":
+    raise ValueError(f"unknown bench config {name!r}")
+  c.mesh.data, c.mesh.fsdp = 1, 1
+  return c
+
+
+def bench_one(name: str, stage: int, steps: int, peak: float) -> dict:
+  """Compiles and times one config's train step on one device."""
+  c = make_config(name, stage, steps + 2)
+  with tempfile.TemporaryDirectory() as wd:
+    tr = train.Trainer(c, wd, devices=jax.devices()[:1])
+    it = pipeline.make_train_iterator(c.input)
+    state, _ = tr.initial_state(it)
+    batches = []
+    for _ in range(steps + 2):
+      b = next(it)
+      batches.append(pipeline.to_global_array({"image": b["image"], "label": b["label"]}, tr.batch_sh))
+    t = time.perf_counter()
+    compiled = tr.train_step.lower(state, batches[0], tr.lpips_params, tr.disc_backbone).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0))
+    for b in batches[:2]:  # warm-up
+      state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for b in batches[2:]:
+      state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t) / steps
+    tr.close()
+  return dict(config=name, stage=stage, batch=c.input.global_batch_size, image=c.input.image_size,
+              compile_s=round(compile_s, 1), step_s=round(dt, 4), steps_per_s=round(1 / dt, 3),
+              images_per_s=round(c.input.global_batch_size / dt, 1), gflops_per_step=round(flops / 1e9, 2),
+              achieved_gflops=round(flops / dt / 1e9, 2), fraction_of_peak=round(flops / dt / peak, 3))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--configs", default="tiny,mid")
+  p.add_argument("--stages", default="1,3")
+  a = p.parse_args()
+  quiet_library_logs()
+  peak = matmul_peak()
+  print(f"float32 matmul peak (2048^3, 1 device, {os.cpu_count()} cores): {peak / 1e9:.1f} GFLOP/s")
+  rows = []
+  for name in a.configs.split(","):
+    for stage in (int(s) for s in a.stages.split(",")):
+      r = bench_one(name, stage, a.steps, peak)
+      rows.append(r)
+      print(f"{name:5s} stage {stage}: batch {r['batch']} @ {r['image']} px | {r['steps_per_s']:.2f} steps/s "
+            f"| {r['images_per_s']:.1f} img/s | {r['gflops_per_step']:.1f} GFLOP/step | "
+            f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.1f}% of matmul peak "
+            f"| compile {r['compile_s']:.0f} s", flush=True)
+  print("RESULT " + json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1), "rows": rows}))
+
+
+if __name__ == "__main__":
+  main()

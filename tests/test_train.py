@@ -1,0 +1,197 @@
+"""The trainer: per-stage parameter updates, sharded == single device, resume, failure modes."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import official_stage2
+from configs import stage1
+from configs import stage2
+from configs import stage3
+from uae_jax import train
+from uae_jax.checkpoint import manager as ckpt_lib
+from uae_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(module, steps=4, **overrides):
+  c = module.get_config(f"tiny,steps={steps}")
+  c.log_every_steps = 1
+  c.image_every_steps = 0
+  c.eval_every_steps = 0
+  c.ckpt.every_steps = 1000
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _run_steps(config, workdir, n, devices=None):
+  """Initialises a Trainer and runs n steps by hand; returns (trainer, state, [metrics])."""
+  tr = train.Trainer(config, str(workdir), devices=devices)
+  it = pipeline.make_train_iterator(config.input)
+  state, _ = tr.initial_state(it)
+  out = []
+  for _ in range(n):
+    batch = next(it)
+    batch = pipeline.to_global_array({"image": batch["image"], "label": batch["label"]}, tr.batch_sh)
+    state, m = tr.train_step(state, batch, tr.lpips_params, tr.disc_backbone)
+    out.append(jax.device_get(m))
+  return tr, state, out
+
+
+def _changed(a, b):
+  """Per top-level group: did any leaf change?"""
+  return {k: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k])))
+          for k in a}
+
+
+@pytest.mark.parametrize("module,expect", [
+    (stage1, {"encoder": False, "decoder": True, "modulator": True}),
+    (stage2, {"encoder": True, "decoder": True, "modulator": True}),
+    (stage3, {"encoder": True, "decoder": True, "modulator": True}),
+])
+def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
+  overrides = {"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0} if module is stage3 else {}
+  config = _cfg(module, steps=4, **overrides)
+  tr = train.Trainer(config, str(tmp_path))
+  it = pipeline.make_train_iterator(config.input)
+  state, _ = tr.initial_state(it)
+  before = jax.device_get({k: state[k] for k in ("params", "teacher", "ema")})
+  disc_before = jax.device_get(state.get("disc"))
+  batch = next(it)
+  batch = pipeline.to_global_array({"image": batch["image"], "label": batch["label"]}, tr.batch_sh)
+  state, m = tr.train_step(state, batch, tr.lpips_params, tr.disc_backbone)
+  after = jax.device_get({k: state[k] for k in ("params", "teacher", "ema")})
+  assert _changed(before["params"], after["params"]) == expect
+  # The teacher never moves; frozen subtrees of the EMA stay bit-identical too.
+  assert not any(_changed({"t": before["teacher"]}, {"t": after["teacher"]}).values())
+  assert _changed(before["ema"], after["ema"]) == expect
+  assert np.isfinite(m["loss"]) and int(state["step"]) == 1
+  if module is stage1:
+    assert "semantic" not in m and "gan_g" not in m
+  else:
+    assert m["semantic"] >= 0
+  if module is stage3:
+    assert m["gan_weight"] > 0 and m["d_on"] == 1.0
+    assert _changed({"d": disc_before["params"]}, {"d": jax.device_get(state["disc"]["params"])})["d"]
+
+
+def test_official_recipe_stage2_step_runs_with_clean_pass(tmp_path):
+  config = _cfg(official_stage2, steps=4, **{"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0})
+  _, state, ms = _run_steps(config, tmp_path, 1)
+  m = ms[0]
+  for key in ("l1", "lpips", "clean_l1", "clean_lpips", "semantic", "gan_g", "gan_d"):
+    assert key in m and np.isfinite(m[key]), key
+  assert set(state["params"]) == {"encoder", "decoder"}
+
+
+def test_single_device_and_2x4_mesh_agree(tmp_path):
+  """Same tiny stage-2 run on 1 device and on a 2x4 (data, fsdp) mesh: same losses after 3 steps.
+
+  Reduction order differs between the two, so gradients agree to ~1e-5 relative, and Adam's
+  first steps (update ~ lr * sign(g)) flip the few elements whose gradient is at that noise
+  level. The run uses peak_lr 1e-4 so the comparison measures the sharding, not that
+  amplification; the semantic term (a small difference of two nearly equal latents) is the most
+  sensitive to it and gets a looser bound.
+  """
+  runs = []
+  for (d, f), devices in (((2, 4), None), ((1, 1), jax.devices()[:1])):
+    config = _cfg(stage2, steps=6, **{"optim.peak_lr": 1e-4})
+    config.mesh.data, config.mesh.fsdp = d, f
+    runs.append(_run_steps(config, tmp_path / f"mesh{d}x{f}", 3, devices=devices)[2])
+  sharded, single = runs
+  for step, (a, b) in enumerate(zip(sharded, single)):
+    for k in ("loss", "l1", "lpips"):
+      assert abs(a[k] - b[k]) <= 1e-4 * abs(b[k]), (step, k, a[k], b[k])
+    assert abs(a["semantic"] - b["semantic"]) <= 5e-3 * abs(b["semantic"]) + 1e-9, step
+
+
+def _main(workdir, config_arg, *overrides, env=None):
+  cmd = [sys.executable, "-m", "uae_jax.main", f"--config={config_arg}", f"--workdir={workdir}",
+         *overrides]
+  e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", **(env or {}))
+  return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
+
+
+def _final_params(workdir):
+  mgr = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mgr.latest_step()
+  import orbax.checkpoint as ocp
+  state = mgr._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+  mgr.close()
+  return step, state
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+  args = ("configs/stage1.py:tiny,steps=6", "--config.ckpt.every_steps=2",
+          "--config.eval_every_steps=0", "--config.image_every_steps=0")
+  full = _main(tmp_path / "full", *args)
+  assert full.returncode == 0, full.stderr[-3000:]
+  killed = _main(tmp_path / "killed", *args, env={"UAE_JAX_SIGKILL_AFTER_STEP": "3"})
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "killed" / "checkpoints")) == ["2"]
+  resumed = _main(tmp_path / "killed", *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from" in resumed.stderr
+  s_full, a = _final_params(tmp_path / "full")
+  s_res, b = _final_params(tmp_path / "killed")
+  assert s_full == s_res == 6
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_nan_learning_rate_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path):
+  good = _cfg(stage1, steps=2)
+  good.ckpt.every_steps = 2
+  train.train_and_evaluate(good, str(tmp_path))
+  bad = _cfg(stage1, steps=4, **{"optim.peak_lr": float("nan"), "optim.end_lr": float("nan")})
+  bad.ckpt.every_steps = 1
+  with pytest.raises(train.NonFiniteLossError, match="non-finite"):
+    train.train_and_evaluate(bad, str(tmp_path))
+  step, state = _final_params(tmp_path)
+  assert step == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state["params"]))
+
+
+def test_config_typo_fails_before_training(tmp_path):
+  r = _main(tmp_path, "configs/stage1.py:tiny", "--config.optim.peak_lrr=1e-3")
+  assert r.returncode != 0 and "peak_lrr" in r.stderr
+  assert not (tmp_path / "checkpoints").exists()
+  r = _main(tmp_path, "configs/stage1.py:tiny,stepz=3")
+  assert r.returncode != 0 and "stepz" in r.stderr
+  c = _cfg(stage2)
+  c.init.from_stage = str(tmp_path / "missing")
+  with pytest.raises(train.ConfigError, match="init.from_stage"):
+    train.Trainer(c, str(tmp_path))
+  c = _cfg(stage1)
+  c.input.image_size = 96
+  with pytest.raises(train.ConfigError, match="image_size"):
+    train.validate_config(c)
+
+
+def test_stage_chaining_starts_from_previous_ema(tmp_path):
+  s1 = _cfg(stage1, steps=2)
+  s1.ckpt.every_steps = 2
+  train.train_and_evaluate(s1, str(tmp_path / "s1"))
+  _, prev = _final_params(tmp_path / "s1")
+  s2 = _cfg(stage2, steps=2)
+  s2.init.from_stage = str(tmp_path / "s1")
+  s2.init.allow_random_encoder = False
+  tr = train.Trainer(s2, str(tmp_path / "s2"))
+  state, start = tr.initial_state(pipeline.make_train_iterator(s2.input))
+  assert start == 0
+  for x, y in zip(jax.tree.leaves(prev["ema"]), jax.tree.leaves(jax.device_get(state["params"]))):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(jax.tree.leaves(prev["teacher"]), jax.tree.leaves(jax.device_get(state["teacher"]))):
+    np.testing.assert_array_equal(x, y)
+  summary = json.load(open(tmp_path / "s1" / "summary.json"))
+  assert summary["final_step"] == 2
