@@ -90,3 +90,15 @@ def test_full_size_uae_b_xl_forward_and_grad_compile(recipe):
 
   g = jax.eval_shape(jax.jit(jax.grad(loss_fn)), v["params"], x, jax.random.key(0))
   assert jax.tree.structure(g) == jax.tree.structure(v["params"])
+
+
+def test_every_parameter_has_logical_axis_names():
+  model = uae_lib.UAE(encoder=TINY_ENC, decoder=TINY_DEC)
+  x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+  init = functools.partial(model.init, train=False)
+  boxed = jax.eval_shape(init, {"params": jax.random.key(1), "noise": jax.random.key(2)}, x)
+  leaves = jax.tree_util.tree_leaves_with_path(
+      boxed["params"], is_leaf=lambda l: isinstance(l, nn.LogicallyPartitioned))
+  unnamed = [jax.tree_util.keystr(k) for k, l in leaves if not isinstance(l, nn.LogicallyPartitioned)]
+  assert not unnamed
+  assert all(len(l.names) == len(l.value.shape) for _, l in leaves)

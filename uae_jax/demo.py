@@ -68,13 +68,16 @@ def run_demo(workdir: str, steps=(350, 350, 150)) -> list:
     prev = wd
   shutil.copy(os.path.join(prev, "images", "recon_ema_latest.png"),
               os.path.join(workdir, "reconstruction_grid.png"))
+  shutil.copy(os.path.join(workdir, "stage1", "images", "recon_ema_0000000.png"),
+              os.path.join(workdir, "reconstruction_grid_start.png"))
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(rows, f, indent=1)
   table = _summary_table(rows)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write("# uae-jax demo: tiny paper recipe on the bundled photos (EMA params, test split)\n\n"
-            + table + "\n\nGrid: `reconstruction_grid.png` (original | reconstruction | "
-            "cumulative band decodes b0, b0+b1, ...).\n")
+            + table + "\n\nGrids (original | reconstruction | cumulative band decodes b0, b0+b1, "
+            "...): `reconstruction_grid_start.png` before stage 1, `reconstruction_grid.png` after "
+            "stage 3.\n")
   print(table)
   return rows
 

@@ -288,6 +288,8 @@ class Trainer:
     start_file = os.path.join(self.workdir, "eval_start.json")
     if start == 0:
       summary["eval_start"] = self._eval_and_log(0, state)
+      if c.image_every_steps:
+        self.write_image_grid(0, state["ema"], "recon_ema")
       if self.is_main:
         with open(start_file, "w") as f:
           json.dump(summary["eval_start"], f)
