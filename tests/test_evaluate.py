@@ -1,0 +1,397 @@
+"""Evaluation: Frechet distance, linear probe, spectrum analysis, the recon/probe/spectrum CLIs."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import official_stage1
+from configs import stage1
+from uae_jax import sharding as sharding_lib
+from uae_jax import steps as steps_lib
+from uae_jax import train
+from uae_jax.checkpoint import manager as ckpt_lib
+from uae_jax.convert import torch_io
+from uae_jax.convert import uae as convert_uae
+from uae_jax.data import pipeline
+from uae_jax.evaluate import cli
+from uae_jax.evaluate import fid as fid_lib
+from uae_jax.evaluate import inception as inception_lib
+from uae_jax.evaluate import linear_probe
+from uae_jax.evaluate import metrics as metrics_lib
+from uae_jax.evaluate import recon_eval
+from uae_jax.evaluate import spectrum
+from uae_jax.models import bands as bands_lib
+from uae_jax.models import lpips as lpips_lib
+from uae_jax.models import uae as uae_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "golden"))
+import make_inception_golden as inception_golden  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------
+# Frechet distance and feature statistics.
+
+
+def test_frechet_distance_closed_form_for_diagonal_gaussians():
+  rng = np.random.default_rng(0)
+  d = 16
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+  s1, s2 = rng.uniform(0.1, 2.0, d), rng.uniform(0.1, 2.0, d)
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+  for method in ("sqrtm", "eigh"):
+    got = fid_lib.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), method=method)
+    assert got == pytest.approx(expected, rel=1e-10)
+    assert fid_lib.frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1), method=method) == \
+        pytest.approx(0.0, abs=1e-10)
+
+
+def test_frechet_distance_full_covariances_and_rank_deficient_sets():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))
+  b = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32)) + 0.5
+  mu_a, s_a = a.mean(0), np.cov(a, rowvar=False)
+  mu_b, s_b = b.mean(0), np.cov(b, rowvar=False)
+  d1 = fid_lib.frechet_distance(mu_a, s_a, mu_b, s_b, method="sqrtm")
+  d2 = fid_lib.frechet_distance(mu_a, s_a, mu_b, s_b, method="eigh")
+  assert d1 == pytest.approx(d2, rel=1e-8) and d1 > 1.0
+  assert fid_lib.frechet_distance(mu_a, s_a, mu_a, s_a) == pytest.approx(0.0, abs=1e-6)
+  # Fewer samples than dimensions (every rFID on a small set): rank-deficient covariances. The
+  # exact value is Tr sqrt(S1 S2) = nuclear norm of Xa Xb^T / (n - 1) for centred sample rows.
+  x, y = np.abs(rng.normal(size=(6, 64))), np.abs(rng.normal(size=(6, 64))) + 0.2
+  sx, sy = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+  xc, yc = (x - x.mean(0)) / np.sqrt(5), (y - y.mean(0)) / np.sqrt(5)
+  exact = (np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(sx) + np.trace(sy)
+           - 2 * np.linalg.svd(xc @ yc.T, compute_uv=False).sum())
+  for method in ("sqrtm", "eigh"):
+    assert fid_lib.frechet_distance(x.mean(0), sx, y.mean(0), sy, method=method) == \
+        pytest.approx(exact, rel=1e-6)
+
+
+def test_feature_stats_accumulate_merge_and_round_trip(tmp_path):
+  rng = np.random.default_rng(2)
+  f = rng.normal(size=(37, 8)) * 3 + 1
+  mask = rng.uniform(size=37) > 0.2
+  # Device-side masked batch sums in two shards, merged on the host in float64.
+  left = fid_lib.FeatureStats().add_sums(fid_lib.batch_sums(jnp.asarray(f[:20]), mask[:20]))
+  right = fid_lib.FeatureStats().add_features(f[20:], mask[20:])
+  mu, sigma = left.merge(right).mean_cov()
+  np.testing.assert_allclose(mu, f[mask].mean(0), rtol=1e-5)
+  np.testing.assert_allclose(sigma, np.cov(f[mask], rowvar=False), rtol=1e-4, atol=1e-4)
+  path = str(tmp_path / "ref.npz")
+  fid_lib.save_stats(path, mu, sigma, n=int(mask.sum()))
+  mu2, sigma2 = fid_lib.load_stats(path)
+  np.testing.assert_array_equal(mu2, mu)
+  np.testing.assert_array_equal(sigma2, sigma)
+  with pytest.raises(ValueError, match="at least 2"):
+    fid_lib.FeatureStats().add_features(f[:1]).mean_cov()
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear probe.
+
+
+def _blobs(rng, n, centers, num_classes):
+  """Gaussian blobs around `centers`; blob j has label j % num_classes."""
+  idx = rng.integers(0, len(centers), n)
+  return centers[idx] + 0.5 * rng.normal(size=(n, centers.shape[1])), idx % num_classes
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_linear_probe_learns_separable_labels_and_not_shuffled_ones(optimizer):
+  rng = np.random.default_rng(3)
+  # 100 blobs in 128-d (any labelling of them is linearly separable), 10 classes of 10 blobs.
+  centers = 3.0 * rng.normal(size=(100, 128))
+  x_tr, y_tr = _blobs(rng, 2000, centers, 10)
+  x_te, y_te = _blobs(rng, 4000, centers, 10)
+  kw = dict(optimizer=optimizer, steps=100, learning_rate=0.05)
+  probe = linear_probe.train_linear_probe(x_tr, y_tr, 10, **kw)
+  assert probe.accuracy(x_te, y_te) > 0.95
+  shuffled = linear_probe.train_linear_probe(x_tr, rng.permutation(y_tr), 10, **kw)
+  assert shuffled.accuracy(x_tr, rng.permutation(y_tr)) < 0.5  # cannot memorise random labels
+  assert abs(shuffled.accuracy(x_te, y_te) - 0.1) < 0.05  # chance = 1/10
+
+
+def _random_params(config, seed):
+  """Random UAE params from numpy (no XLA compile of the init): LN scales 1, biases 0, weights
+  N(0, 1/fan_in)."""
+  import flax.linen as nn
+  model = steps_lib.build_model(config)
+  size = config.input.image_size
+  abstract = nn.unbox(jax.eval_shape(
+      lambda k: model.init({"params": k, "noise": k}, jnp.zeros((1, size, size, 3)),
+                           train=False)["params"], jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, s):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return np.ones(s.shape, np.float32)
+    if name == "bias":
+      return np.zeros(s.shape, np.float32)
+    fan_in = int(np.prod(s.shape[:-1])) or 1
+    return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+@pytest.fixture(scope="module")
+def tiny_paper_setup():
+  """A randomly initialised tiny paper-recipe UAE and an 8-device batch sharding."""
+  config = stage1.get_config("tiny,steps=2")
+  mesh = sharding_lib.make_mesh(config.mesh)
+  return config, _random_params(config, 0), sharding_lib.batch_sharding(mesh)
+
+
+def test_probe_on_real_features_of_the_bundled_photos(tiny_paper_setup):
+  config, params, batch_sh = tiny_paper_setup
+  res = linear_probe.run_probe(config, params, batch_sh, pooling="mean", steps=100)
+  # 80 train crops -> 10 original photos (one per class): chance is 0.1.
+  assert res["num_train"] == 80 and res["num_test"] == 10 and res["chance"] == 0.1
+  assert res["all"]["top1"] >= 0.5 and res["band0"]["top1"] >= 0.5
+  # Global mean pooling keeps only DC, which lies entirely in band 0: identical features.
+  assert res["max_abs_band0_minus_all"] < 1e-5
+  assert res["band0"]["top1"] == res["all"]["top1"]
+  fn = jax.jit(linear_probe.make_feature_fn(config, "grid4"))
+  it = pipeline.make_eval_iterator(config.input)
+  f = jax.device_get(fn(params, next(it)["image"]))
+  assert f["all"].shape == (8, 4 * 4 * 64)
+  assert np.max(np.abs(f["band0"] - f["all"])) > 0.1  # a 4x4 grid keeps non-DC frequencies
+
+
+# ------------------------------------------------------------------------------------------------
+# Spectrum.
+
+
+def _smooth_grids(seed=0, shape=(3, 16, 16, 5)):
+  """Random grids with a decaying spectrum plus an offset (like feature maps)."""
+  rng = np.random.default_rng(seed)
+  white = rng.normal(size=shape)
+  fy = np.fft.fftfreq(shape[1])[:, None]
+  fx = np.fft.fftfreq(shape[2])[None, :]
+  decay = 1.0 / (1.0 + 20 * np.sqrt(fy ** 2 + fx ** 2))
+  colored = np.real(np.fft.ifft2(np.fft.fft2(white, axes=(1, 2)) * decay[None, :, :, None],
+                                 axes=(1, 2)))
+  return jnp.asarray(colored + 0.3, jnp.float32)
+
+
+def test_spectrum_energies_add_up_to_the_total():
+  g = _smooth_grids()
+  total = np.asarray(spectrum.total_energy(g))
+  chunks = np.asarray(spectrum.chunk_energies(spectrum.zigzag_coefficient_energy(g)))
+  assert chunks.shape == (3, 10)
+  np.testing.assert_allclose(chunks.sum(-1), total, rtol=1e-4)
+  for k in (4, 8):
+    e = jax.device_get(spectrum.radial_band_energies(g, bands_lib.BandProjector(16, 16, k)))
+    np.testing.assert_allclose(e["band_partition"].sum(-1), total, rtol=1e-4)
+  # Masks that are binary on the grid (edges between grid radii, tiny tau): the band outputs are
+  # orthogonal and their own energies sum to the total.
+  hard = bands_lib.BandProjector(16, 16, 4, edges=(0.3, 0.6, 0.93), tau=1e-4)
+  e = jax.device_get(spectrum.radial_band_energies(g, hard))
+  np.testing.assert_allclose(e["band_energy"].sum(-1), total, rtol=1e-4)
+  np.testing.assert_allclose(e["band_energy"], e["band_partition"], rtol=1e-4, atol=1e-6)
+  # The default smooth projector: sum of band energies + cross terms = total, cross terms != 0.
+  default = bands_lib.BandProjector(16, 16, 4)
+  b = np.asarray(default.split(g), np.float64)
+  e = np.asarray(spectrum.radial_band_energies(g, default)["band_energy"], np.float64)
+  cross = sum(np.mean(np.sum(b[i] * b[j], axis=(1, 2)), -1)
+              for i in range(4) for j in range(4) if i != j)
+  np.testing.assert_allclose(e.sum(-1) + cross, total, rtol=1e-4)
+  assert np.all(np.abs(cross) > 1e-4 * total)
+
+
+def test_lowpassed_image_has_more_band0_energy(photo_batch):
+  x = jnp.asarray(photo_batch[:2, ::4, ::4])  # 64 x 64 real photos
+  enc = spectrum.pixel_encoder()
+  low = spectrum.lowpass_radial_dct(x, 0.1)
+  assert float(jnp.min(low)) >= 0.0 and float(jnp.max(low)) <= 1.0
+  np.testing.assert_allclose(spectrum.lowpass_radial_dct(x, 1.5), x, atol=1e-5)  # keeps all
+  proj = bands_lib.BandProjector(16, 16, 4)
+  for variant in (lambda g: g, spectrum.center):
+    e_orig = jax.device_get(spectrum.radial_band_energies(variant(enc(x)["pixels"]), proj))
+    e_low = jax.device_get(spectrum.radial_band_energies(variant(enc(low)["pixels"]), proj))
+    share = lambda e: e["band_partition"][:, 0] / e["band_partition"].sum(-1)
+    assert np.all(share(e_low) > share(e_orig))
+  cos = spectrum.cosine_per_image(enc(low)["pixels"], enc(x)["pixels"])
+  assert np.all(np.asarray(cos) < 1.0) and np.all(np.asarray(cos) > 0.5)
+
+
+def test_spectrum_cli_pixels_vgg_and_dinov2(tmp_path):
+  dinov2 = os.path.join(HERE, "golden", "dinov2_tiny_reg4_hf.safetensors")
+  res = cli.main(["spectrum", "--encoder", "pixels,vgg16,dinov2", "--dinov2", dinov2,
+                  "--vgg-taps", "relu1_2,relu2_2", "--splits", "test", "--max-images", "4",
+                  "--batch-size", "4", "--image-size", "64", "--cutoffs", "0.1,1.5",
+                  "--out", str(tmp_path), "--tag", "t"])
+  assert os.path.getsize(tmp_path / "spectrum_t.png") > 10_000
+  with open(tmp_path / "spectrum_t.json") as f:
+    data = json.load(f)["encoders"]
+  assert set(data) == {"pixels", "vgg16/relu1_2", "vgg16/relu2_2", "dinov2"}
+  assert data["dinov2"]["channels"] == 64 and data["vgg16/relu2_2"]["channels"] == 128
+  for name, r in data.items():
+    assert r["num_images"] == 4
+    for variant in ("raw", "centered"):
+      assert sum(r[variant]["zigzag_chunk_fraction"]) == pytest.approx(1.0, abs=1e-4)
+      for k in (4, 8):
+        assert sum(r[variant][f"band_partition_fraction_k{k}"]) == pytest.approx(1.0, abs=1e-4)
+    lp = r["lowpass"]
+    assert lp["cutoffs"] == [0.1, 1.5]
+    assert lp["cosine"][1] == pytest.approx(1.0, abs=1e-4)  # nothing removed
+    assert lp["cosine_centered"][0] < lp["cosine_centered"][1]
+  assert res["json"].endswith("spectrum_t.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reconstruction evaluation: trainer run -> CLI -> metrics equal to an independent recomputation.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A 2-step stage-1 tiny run made with the Trainer, saved as `Trainer.run` saves it."""
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = stage1.get_config("tiny,steps=2")
+  config.ckpt.async_save = False
+  trainer = train.Trainer(config, workdir)
+  it = pipeline.make_train_iterator(config.input)
+  state, _ = trainer.initial_state(it)
+  for _ in range(2):
+    batch = next(it)
+    batch = pipeline.to_global_array({"image": batch["image"], "label": batch["label"]},
+                                     trainer.batch_sh)
+    state, _ = trainer.train_step(state, batch, trainer.lpips_params, trainer.disc_backbone)
+  meta = {"stage": config.stage, "recipe": config.recipe, "config": config.to_json_best_effort()}
+  trainer.ckpt.save(2, state, it, dict(meta, step=2))
+  trainer.ckpt.wait()
+  yield workdir, config, trainer
+  trainer.close()
+
+
+@pytest.fixture(scope="module")
+def random_inception_file(tmp_path_factory):
+  """Seeded random FID-Inception weights in the pytorch-fid layout (no real weights offline)."""
+  shapes = {**inception_lib.torch_state_dict_shapes(), "fc.weight": (1008, 2048),
+            "fc.bias": (1008,)}
+  path = str(tmp_path_factory.mktemp("inception") / "fid_inception.safetensors")
+  torch_io.write_safetensors(inception_golden.random_state_dict(shapes, 7), path)
+  return path
+
+
+def test_recon_cli_matches_independent_recomputation(tiny_run, tmp_path):
+  workdir, config, _ = tiny_run
+  out = str(tmp_path / "eval")
+  res = cli.main(["recon", "--workdir", workdir, "--out", out, "--save-recon",
+                  "--uint8", "truncate"])
+  with open(os.path.join(out, "metrics.json")) as f:
+    saved = json.load(f)
+  assert saved["source"]["params"] == "ema" and saved["source"]["step"] == 2
+  assert saved["num_images"] == 10 and saved["uint8"] == "truncate"
+  assert "rfid" not in saved["metrics"] or inception_lib.default_weights_path()
+  assert os.path.getsize(os.path.join(out, "recon_grid.png")) > 1000
+  with open(os.path.join(out, "metrics.md")) as f:
+    assert "| PSNR |" in f.read()
+  recon = np.load(os.path.join(out, "recon.npz"))
+  x_hat = recon["recon"][np.argsort(recon["index"])]
+  assert x_hat.dtype == np.uint8 and x_hat.shape == (10, 64, 64, 3)
+
+  # References: the eval split in record order, straight from the pipeline.
+  refs = np.concatenate([b["image"][b["mask"]] for b in pipeline.make_eval_iterator(config.input)])
+  assert refs.shape == (10, 64, 64, 3)
+  m = jax.device_get(metrics_lib.reconstruction_metrics(lpips_lib.load_lpips_params("vgg16"),
+                                                        x_hat, refs))
+  for k in ("psnr", "ssim", "lpips"):
+    assert saved["metrics"][k] == pytest.approx(float(np.mean(m[k])), rel=1e-5, abs=1e-6), k
+  per = np.load(os.path.join(out, "per_image.npz"))
+  np.testing.assert_allclose(per["psnr"][np.argsort(per["index"])], m["psnr"], rtol=1e-5)
+
+  # The saved reconstructions are the restored EMA params' reconstructions (unsharded here).
+  abstract = cli.abstract_params(config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]))
+  ema = ckpt_lib.restore_subtrees(workdir, {"ema": abstract})["ema"]
+  model = steps_lib.build_model(config)
+  direct = model.apply({"params": ema}, jnp.asarray(refs), method=uae_lib.UAE.reconstruct)
+  direct = np.asarray(metrics_lib.to_uint8(direct, "truncate"))
+  assert np.mean(direct != x_hat) < 1e-3 and np.max(np.abs(direct.astype(int) - x_hat)) <= 1
+  assert res["metrics"] == saved["metrics"]
+
+
+def test_fid_stats_cli_matches_inception_features(random_inception_file, tmp_path):
+  ref_stats = str(tmp_path / "ref.npz")
+  info = cli.main(["fid-stats", "--data", "photos", "--split", "test", "--image-size", "64",
+                   "--max-examples", "8", "--out", ref_stats, "--inception", random_inception_file])
+  assert info["num_images"] == 8
+  refs = next(pipeline.make_eval_iterator(stage1.get_config("tiny").input))["image"]
+  v = inception_lib.load_inception(random_inception_file)
+  feats = np.asarray(jax.jit(lambda v, x: inception_lib.FIDInception().apply(v, x))(v, refs),
+                     np.float64)
+  mu, sigma = fid_lib.load_stats(ref_stats)
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_recon_cli_rfid_end_to_end(tiny_run, random_inception_file, tmp_path):
+  """rFID through the CLI equals the Frechet distance of independently computed features."""
+  workdir, config, _ = tiny_run
+  ref_stats = str(tmp_path / "ref.npz")
+  cli.main(["fid-stats", "--data", "photos", "--split", "test", "--image-size", "64",
+            "--max-examples", "8", "--out", ref_stats, "--inception", random_inception_file])
+  out = str(tmp_path / "eval")
+  for ref in (["--fid-stats", ref_stats], []):  # reference from the file, then inline
+    res = cli.main(["recon", "--workdir", workdir, "--out", out, "--save-recon", "--max-examples",
+                    "8", "--inception", random_inception_file, "--fid-method", "eigh"] + ref)
+    recon = np.load(os.path.join(out, "recon.npz"))
+    x_hat = recon["recon"][np.argsort(recon["index"])]
+    refs = next(pipeline.make_eval_iterator(config.input))["image"]
+    v = inception_lib.load_inception(random_inception_file)
+    feat = jax.jit(lambda v, x: inception_lib.FIDInception().apply(v, x))
+    both = np.asarray(feat(v, np.concatenate([x_hat.astype(np.float32) / 255.0, refs])),
+                      np.float64)
+    ff, fr = both[:8], both[8:]
+    # Exact for n < d: Tr sqrt(S1 S2) = nuclear norm of Xf Xr^T / (n - 1), centred rows.
+    fc, rc = (ff - ff.mean(0)) / np.sqrt(7), (fr - fr.mean(0)) / np.sqrt(7)
+    exact = (np.sum((ff.mean(0) - fr.mean(0)) ** 2) + np.sum(fc ** 2) + np.sum(rc ** 2)
+             - 2 * np.linalg.svd(fc @ rc.T, compute_uv=False).sum())
+    assert res["metrics"]["rfid"] == pytest.approx(exact, rel=1e-3)
+
+
+def test_evaluator_is_a_drop_in_for_trainer_evaluate(tiny_run):
+  workdir, config, trainer = tiny_run
+  params = ckpt_lib.restore_subtrees(workdir, {"ema": trainer.state_abs["ema"],
+                                               "params": trainer.state_abs["params"]})
+  evaluator = recon_eval.ReconstructionEvaluator(config, trainer.batch_sh, trainer.lpips_params)
+  for which in ("ema", "params"):
+    ours = evaluator(params[which])
+    theirs = trainer.evaluate(params[which])
+    assert set(ours) == set(theirs) == {"psnr", "ssim", "lpips"}
+    for k in ours:
+      assert ours[k] == pytest.approx(theirs[k], rel=1e-5, abs=1e-6), (which, k)
+  grid = evaluator.band_grid(params["ema"], num_images=2)
+  assert grid.dtype == np.uint8 and grid.shape[0] == 2 * (64 + 2) + 2
+  assert grid.shape[1] == (2 + config.model.num_bands) * (64 + 2) + 2
+
+
+def test_recon_and_probe_cli_on_an_official_layout_checkpoint(tmp_path):
+  config = official_stage1.get_config("tiny")
+  params = _random_params(config, 1)
+  ckpt = str(tmp_path / "uae_official.safetensors")
+  convert_uae.export_official_uae(params, ckpt, decoder_grid=4)
+  spec = os.path.join(REPO, "configs", "official_stage1.py") + ":tiny"
+  res = cli.main(["recon", "--checkpoint", ckpt, "--config", spec, "--out", str(tmp_path / "r"),
+                  "--max-examples", "8", "--save-recon"])
+  assert res["num_images"] == 8 and res["source"]["params"] == "ema"
+  # The checkpoint's weights made these reconstructions (the official evaluator: no band mask).
+  recon = np.load(tmp_path / "r" / "recon.npz")
+  refs = next(pipeline.make_eval_iterator(config.input))["image"]
+  model = steps_lib.build_model(config)
+  direct = model.apply({"params": params}, jnp.asarray(refs), method=uae_lib.UAE.reconstruct)
+  direct = np.asarray(metrics_lib.to_uint8(direct))[recon["index"]]
+  assert np.max(np.abs(direct.astype(int) - recon["recon"])) <= 1
+  probe = cli.main(["probe", "--checkpoint", ckpt, "--config", spec, "--out", str(tmp_path / "p"),
+                    "--steps", "50"])
+  assert probe["num_train"] == 80 and probe["num_test"] == 10
+  assert probe["all"]["top1"] >= 0.5
+  with open(tmp_path / "p" / "probe.md") as f:
+    assert "| band0 |" in f.read()

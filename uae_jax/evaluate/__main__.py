@@ -1,0 +1,7 @@
+"""`python -m uae_jax.evaluate {recon, fid-stats, probe, spectrum} ...`; see evaluate/cli.py."""
+import sys
+
+from uae_jax.evaluate import cli
+
+if __name__ == "__main__":
+  cli.main(sys.argv[1:])

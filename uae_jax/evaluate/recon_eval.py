@@ -1,0 +1,176 @@
+"""Reconstruction evaluation over a held-out split: PSNR, SSIM, LPIPS and (optionally) rFID.
+
+`ReconstructionEvaluator(config, batch_sharding, lpips_params, fid=None)` is built once and called
+with params as often as needed (the trainer calls it for raw and EMA params every N steps):
+
+    evaluator = recon_eval.ReconstructionEvaluator(config, batch_sharding, lpips_params)
+    metrics = evaluator(state["ema"])     # {'psnr', 'ssim', 'lpips'[, 'rfid']}: Python floats
+
+Conventions (see `uae_jax/evaluate/metrics.py`): reconstructions are clipped to [0, 1] and quantised
+to uint8 levels (`uint8_mode` 'round' by default, 'truncate' = the official code), references are
+snapped to their uint8 level; PSNR per image then averaged; SSIM = dm-pix Gaussian 11x11, sigma 1.5,
+mean over the valid region (= scikit-image gaussian mode); LPIPS = VGG16 LPIPS v0.1. rFID compares
+the FID-Inception statistics of the quantised reconstructions with those of the references (image
+set vs image set, as the official torch-fidelity call): read from an `.npz` if the `InceptionFID`
+has a reference, otherwise accumulated from the same eval images on the first call and cached.
+
+Multi-host: every process reads its own shard of the split (`pipeline.make_eval_iterator`), the
+batch becomes one global array (`pipeline.to_global_array`), per-image values are gathered to every
+process (`multihost_utils.process_allgather`) and Inception feature sums are reduced inside their
+jitted call (replicated outputs), so every process returns the same numbers. Padding images (`mask`
+False) are left out of every sum.
+
+The optional `config.eval` section (not required) may set `uint8_mode`, `inception_path`,
+`fid_stats` and `fid_method`; with `inception_path` and `fid_stats` both set the evaluator builds
+its own `InceptionFID` and reports 'rfid'.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from uae_jax import steps as steps_lib
+from uae_jax.data import pipeline
+from uae_jax.evaluate import fid as fid_lib
+from uae_jax.evaluate import metrics as metrics_lib
+from uae_jax.metric_writers import image_grid
+from uae_jax.models import uae as uae_lib
+
+METRICS = ("psnr", "ssim", "lpips")
+
+
+@dataclasses.dataclass
+class EvalResult:
+  """Dataset means plus what a report needs (per-image values, optional uint8 reconstructions)."""
+  metrics: dict                       # {'psnr', 'ssim', 'lpips'[, 'rfid']} Python floats
+  num_images: int
+  per_image: dict                     # {'index', 'psnr', 'ssim', 'lpips'} numpy, valid images only
+  recon_uint8: Optional[np.ndarray]   # (N, S, S, 3) in `per_image['index']` order, if kept
+  seconds: float
+
+
+def _eval_section(config) -> dict:
+  """The optional `config.eval` section as a plain dict."""
+  section = config.get("eval", None) if hasattr(config, "get") else None
+  if section is None:
+    return {}
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+class ReconstructionEvaluator:
+  """Evaluates UAE params on `config.input.eval_split`; `__call__(params) -> dict` of floats."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch_sharding: NamedSharding,
+               lpips_params: Any, fid: Optional[fid_lib.InceptionFID] = None, *,
+               uint8_mode: Optional[str] = None, max_batches: Optional[int] = None,
+               input_config: Optional[ml_collections.ConfigDict] = None):
+    section = _eval_section(config)
+    self.config = config
+    self.batch_sharding = batch_sharding
+    self.replicated = NamedSharding(batch_sharding.mesh, P())
+    self.input_config = copy.deepcopy(input_config if input_config is not None else config.input)
+    self.uint8_mode = uint8_mode or section.get("uint8_mode", "round")
+    if self.uint8_mode not in metrics_lib.UINT8_MODES:
+      raise ValueError(f"uint8_mode={self.uint8_mode!r}: expected one of {metrics_lib.UINT8_MODES}")
+    self.max_batches = int(config.get("eval_batches", 0) if max_batches is None else max_batches)
+    self.lpips_params = jax.device_put(lpips_params, self.replicated)
+    if fid is None and section.get("inception_path") and section.get("fid_stats"):
+      fid = fid_lib.InceptionFID.from_files(section["inception_path"], section["fid_stats"],
+                                            self.replicated, section.get("fid_method", "sqrtm"))
+    self.fid = fid
+    self._reference_cache = None  # inline reference statistics (the eval images do not change)
+    self._band_decode = jax.jit(steps_lib.make_band_decode(config))
+    model = steps_lib.build_model(config)
+    lpips_dtype = steps_lib.compute_dtype(config)
+    mode = self.uint8_mode
+
+    def step(params, lpips_params, images):
+      recon = model.apply({"params": params}, images, method=uae_lib.UAE.reconstruct)
+      return {"per_image": metrics_lib.reconstruction_metrics(lpips_params, recon, images, mode,
+                                                              lpips_dtype),
+              "recon_uint8": metrics_lib.to_uint8(recon, mode)}
+
+    self._step = jax.jit(step)
+    # References snapped to their uint8 level, as `reconstruction_metrics` does.
+    self._ref_uint8 = jax.jit(lambda x: metrics_lib.to_uint8(x, "round"))
+
+  # ----------------------------------------------------------------------------------------------
+  def _batches(self):
+    """Global eval batches {'image', 'mask', 'index'} of at most `max_batches` batches."""
+    it = pipeline.make_eval_iterator(self.input_config)
+    try:
+      for i, batch in enumerate(it):
+        if self.max_batches and i >= self.max_batches:
+          break
+        local = {"image": np.asarray(batch["image"], np.float32),
+                 "mask": np.asarray(batch["mask"], np.bool_),
+                 "index": np.asarray(batch["index"], np.int32)}
+        yield pipeline.to_global_array(local, self.batch_sharding)
+    finally:
+      if hasattr(it, "close"):
+        it.close()  # stop multiprocess workers now, not at garbage collection
+
+  def run(self, params, keep_images: bool = False) -> EvalResult:
+    """One pass over the eval split: means, per-image values and (if asked) the uint8 recons.
+
+    `keep_images` gathers every reconstruction to every process (N x S x S x 3 bytes of host
+    memory): meant for small sets and single-host runs.
+    """
+    t0 = time.time()
+    with_fid = self.fid is not None
+    with_ref = with_fid and self.fid.reference is None and self._reference_cache is None
+    per = {k: [] for k in ("index",) + METRICS}
+    recons = []
+    fake, real = fid_lib.FeatureStats(), fid_lib.FeatureStats()
+    for g in self._batches():
+      out = self._step(params, self.lpips_params, g["image"])
+      wanted = {"per_image": out["per_image"], "mask": g["mask"], "index": g["index"]}
+      if keep_images:
+        wanted["recon_uint8"] = out["recon_uint8"]
+      host = multihost_utils.process_allgather(wanted, tiled=True)
+      valid = np.asarray(host["mask"], bool)
+      per["index"].append(np.asarray(host["index"])[valid])
+      for k in METRICS:
+        per[k].append(np.asarray(host["per_image"][k], np.float64)[valid])
+      if keep_images:
+        recons.append(np.asarray(host["recon_uint8"])[valid])
+      # Inception runs as its own jitted call (the one `fid-stats` uses), so switching rFID on
+      # does not recompile the UAE step. It sees the reconstructions as saved: uint8 levels.
+      if with_fid:
+        fake.add_sums(jax.device_get(self.fid.batch_sums(out["recon_uint8"], g["mask"])))
+      if with_ref:
+        real.add_sums(jax.device_get(self.fid.batch_sums(self._ref_uint8(g["image"]), g["mask"])))
+    per = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in per.items()}
+    n = int(per["index"].size)
+    metrics = {k: float(np.mean(per[k])) if n else float("nan") for k in METRICS}
+    if with_fid:
+      if with_ref:
+        self._reference_cache = real.mean_cov()
+      reference = self.fid.reference if self.fid.reference is not None else self._reference_cache
+      metrics["rfid"] = self.fid.distance(fake, reference)
+    recon = np.concatenate(recons) if keep_images and recons else None
+    return EvalResult(metrics, n, per, recon, time.time() - t0)
+
+  def __call__(self, params) -> dict:
+    """Dataset means {'psnr', 'ssim', 'lpips'[, 'rfid']} of `params` on the eval split."""
+    return self.run(params).metrics
+
+  def band_grid(self, params, num_images: int = 4) -> np.ndarray:
+    """uint8 grid: per row original | reconstruction | decodes of b0, b0+b1, ... (first batch)."""
+    g = next(iter(self._batches()))
+    recon, cum = self._band_decode(params, g["image"])
+    host = multihost_utils.process_allgather({"x": g["image"], "recon": recon, "cum": cum,
+                                              "mask": g["mask"]}, tiled=True)
+    rows = []
+    for i in np.flatnonzero(np.asarray(host["mask"]))[:num_images]:
+      rows.append([host["x"][i], host["recon"][i]] +
+                  [host["cum"][k, i] for k in range(host["cum"].shape[0])])
+    return image_grid(rows)
