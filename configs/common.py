@@ -94,6 +94,10 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
   c.image_every_steps = 2500
   c.eval_every_steps = 2500
   c.eval_batches = 0                 # 0 = the whole eval split (capped by eval_max_examples)
+  # uint8 quantisation of reconstructions ('round', or 'truncate' as the official code); rFID runs
+  # when both the converted FID Inception weights and the reference statistics are given.
+  c.eval = ml_collections.ConfigDict(dict(uint8_mode="round", inception_path="", fid_stats="",
+                                          fid_method="sqrtm"))
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
   # Logical axis -> mesh axis. FSDP shards the model width; the batch goes over both axes.

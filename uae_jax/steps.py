@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from uae_jax.evaluate import metrics as metrics_lib
 from uae_jax.losses import diffaug
 from uae_jax.losses import gan
 from uae_jax.losses import reconstruction
@@ -280,19 +279,6 @@ def make_train_step(config: ml_collections.ConfigDict):
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(config: ml_collections.ConfigDict, uint8_mode: str = "round"):
-  """Builds `eval_step(params, batch, lpips_params) -> per-image {'psnr','ssim','lpips'}`."""
-  model = build_model(config)
-  lpips_dtype = compute_dtype(config)
-
-  def eval_step(params, batch, lpips_params):
-    x = batch["image"]
-    recon = model.apply({"params": params}, x, method=uae_lib.UAE.reconstruct)
-    return metrics_lib.reconstruction_metrics(lpips_params, recon, x, uint8_mode, lpips_dtype)
-
-  return eval_step
 
 
 def make_band_decode(config: ml_collections.ConfigDict):

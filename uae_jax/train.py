@@ -22,7 +22,8 @@ from uae_jax import sharding as sharding_lib
 from uae_jax import steps as steps_lib
 from uae_jax.checkpoint import manager as ckpt_lib
 from uae_jax.data import pipeline
-from uae_jax.metric_writers import MetricWriter, ProgressLine, image_grid
+from uae_jax.evaluate import recon_eval
+from uae_jax.metric_writers import MetricWriter, ProgressLine
 from uae_jax.models import lpips as lpips_lib
 from uae_jax.models import scan_utils
 
@@ -179,15 +180,9 @@ class Trainer:
         steps_lib.make_train_step(config),
         in_shardings=(self.state_sh, batch_shardings, None, None),
         out_shardings=(self.state_sh, None), donate_argnums=(0,))
-    # Replicated outputs, so every host can read them: per-image results of a global batch
-    # otherwise live partly on other hosts (multi-host device_get fails on them).
-    eval_fn = steps_lib.make_eval_step(config)
-    self.eval_step = jax.jit(lambda p, b, l: (eval_fn(p, b, l), b["mask"]),
-                             out_shardings=self.repl)
-    band_fn = steps_lib.make_band_decode(config)
-    # Only the displayed images are decoded and replicated (a whole replicated batch is large).
-    self.band_decode = jax.jit(lambda p, x: (x[:4],) + tuple(band_fn(p, x[:4])),
-                               out_shardings=self.repl)
+    # Runs on every process (it gathers per-image results); rFID too when config.eval names
+    # the converted FID Inception weights and reference statistics.
+    self.evaluator = recon_eval.ReconstructionEvaluator(config, self.batch_sh, self.lpips_params)
     self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                            keep=config.ckpt.keep, async_save=config.ckpt.async_save)
     self.writer = MetricWriter(workdir, enabled=self.is_main)
@@ -252,31 +247,12 @@ class Trainer:
 
   # ------------------------------------------------------------------ evaluation and images
   def evaluate(self, params) -> dict:
-    """Mean PSNR / SSIM / LPIPS of reconstructions over the held-out split."""
-    it = pipeline.make_eval_iterator(self.config.input)
-    sums, count = {}, 0.0
-    for i, batch in enumerate(it):
-      if self.config.eval_batches and i >= self.config.eval_batches:
-        break
-      mask = np.asarray(batch.pop("mask"), np.float32)
-      batch.pop("index", None)
-      g = pipeline.to_global_array({"image": batch["image"], "mask": mask}, self.batch_sh)
-      # The global mask, in the same row order as the per-image results.
-      m, mask = jax.device_get(self.eval_step(params, g, self.lpips_params))
-      for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v) * mask))
-      count += float(mask.sum())
-    if hasattr(it, "close"):
-      it.close()  # stop multiprocess workers now, not at garbage collection
-    return {k: v / max(count, 1.0) for k, v in sums.items()}
+    """Mean PSNR / SSIM / LPIPS (and rFID when configured) on the held-out split."""
+    return self.evaluator(params)
 
   def write_image_grid(self, step: int, params, name: str):
     """Original | reconstruction | cumulative band decodes, for a few held-out images."""
-    batch = next(pipeline.make_eval_iterator(self.config.input))
-    g = pipeline.to_global_array({"image": batch["image"]}, self.batch_sh)["image"]
-    x, recon, cum = jax.device_get(self.band_decode(params, g))
-    rows = [[x[i], recon[i]] + [cum[k, i] for k in range(cum.shape[0])] for i in range(min(4, len(x)))]
-    self.writer.write_images(step, {name: image_grid(rows)})
+    self.writer.write_images(step, {name: self.evaluator.band_grid(params)})
 
   # ------------------------------------------------------------------ the loop
   def run(self) -> dict:
