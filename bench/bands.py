@@ -3,6 +3,7 @@
 Usage: python -m bench.bands [--batch 64] [--size 16] [--channels 768] [--bands 4] [--runs 7]
 """
 import argparse
+import json
 import statistics
 import time
 
@@ -47,6 +48,9 @@ def main():
   print(f"  matmul : {t_mm * 1e3:9.2f} ms")
   print(f"  ratio fft/matmul: {t_fft / t_mm:.3f}")
   print(f"  max |fft - matmul|: {diff:.3e}")
+  print("RESULT " + json.dumps({"benchmark": "bands", "shape": list(shape), "bands": args.bands,
+                                "fft_ms": t_fft * 1e3, "matmul_ms": t_mm * 1e3,
+                                "max_abs_diff": diff}))
 
 
 if __name__ == "__main__":

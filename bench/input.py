@@ -10,6 +10,7 @@ float32 conversion, batching) on the bundled photos dataset and reports images/s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -77,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'num_workers={r["num_workers"]}: {r["images_per_s"]:8.1f} images/s '
           f'({r["seconds"]:.2f} s; warm-up {r["warmup_seconds"]:.2f} s) '
           f'ratio vs num_workers={results[0]["num_workers"]}: {r["images_per_s"] / base:.2f}x')
+  print('RESULT ' + json.dumps({'benchmark': 'input', 'image_size': args.image_size,
+                                'batch_size': args.batch_size, 'results': results}))
   return 0
 
 

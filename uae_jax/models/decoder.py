@@ -72,6 +72,7 @@ class PixelDecoder(nn.Module):
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
   remat_policy: Optional[str] = None
+  scan_blocks: bool = False        # one nn.scan over stacked `blocks` params (see scan_utils)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -92,10 +93,15 @@ class PixelDecoder(nn.Module):
         nn.initializers.zeros, (None, None, layers.EMBED)), (1, 1, spec.dim), self.param_dtype)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, spec.dim)), x], axis=1)
     x = x + jnp.asarray(sincos_2d(spec.dim, gh, gw), self.dtype)[None]
-    block = layers.block_class(self.remat_policy)
-    for i in range(spec.depth):
-      x = block(spec.dim, spec.heads, spec.mlp_hidden, ln_eps=self.ln_eps,
-                name=f"blocks_{i}", **kw)(x)
+    if self.scan_blocks:
+      x, _ = layers.scanned_blocks(x, spec.depth, self.remat_policy, dim=spec.dim,
+                                   num_heads=spec.heads, mlp_hidden=spec.mlp_hidden,
+                                   ln_eps=self.ln_eps, **kw)
+    else:
+      block = layers.block_class(self.remat_policy)
+      for i in range(spec.depth):
+        x = block(spec.dim, spec.heads, spec.mlp_hidden, ln_eps=self.ln_eps,
+                  name=f"blocks_{i}", **kw)(x)
     x = layers.layer_norm(self.ln_eps, "norm", **kw)(x)
     x = layers.dense(self.patch_size**2 * 3, (layers.EMBED, None), "pred", **kw)(x)
     img = unpatchify(x[:, 1:].astype(jnp.float32), gh, gw, self.patch_size)

@@ -58,6 +58,7 @@ class DinoV2(nn.Module):
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
   remat_policy: Optional[str] = None
+  scan_blocks: bool = False        # one nn.scan over stacked `blocks` params (see scan_utils)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -125,13 +126,19 @@ class DinoV2(nn.Module):
       parts.append(jnp.broadcast_to(reg.astype(self.dtype), (b, self.num_registers, dim)))
     x = jnp.concatenate(parts + [x], axis=1)
 
-    block = layers.block_class(self.remat_policy)
-    outs = []
-    for i in range(spec.depth):
-      x = block(dim, spec.heads, spec.mlp_hidden, ln_eps=self.ln_eps,
-                layerscale=self.layerscale_init, swiglu=spec.swiglu, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
-      outs.append(x)
+    if self.scan_blocks:
+      x, outs = layers.scanned_blocks(
+          x, spec.depth, self.remat_policy, collect=return_blocks, dim=dim, num_heads=spec.heads,
+          mlp_hidden=spec.mlp_hidden, ln_eps=self.ln_eps, layerscale=self.layerscale_init,
+          swiglu=spec.swiglu, dtype=self.dtype, param_dtype=self.param_dtype)
+    else:
+      block = layers.block_class(self.remat_policy)
+      outs = []
+      for i in range(spec.depth):
+        x = block(dim, spec.heads, spec.mlp_hidden, ln_eps=self.ln_eps,
+                  layerscale=self.layerscale_init, swiglu=spec.swiglu, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+        outs.append(x)
     x = layers.layer_norm(self.ln_eps, "norm", self.dtype, self.param_dtype,
                           affine=self.final_norm_affine)(x)
     n_skip = 1 + self.num_registers

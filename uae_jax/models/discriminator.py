@@ -108,6 +108,7 @@ class DinoViTBackbone(nn.Module):
   mean: tuple = IMAGENET_MEAN
   std: tuple = IMAGENET_STD
   remat_policy: Optional[str] = None
+  scan_blocks: bool = False      # one nn.scan over stacked `blocks` params (see scan_utils)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -150,14 +151,21 @@ class DinoViTBackbone(nn.Module):
     x = x + pos.astype(self.dtype)
 
     key_depths = set(d for d in self.key_depths if d < self.depth)
-    block = layers.block_class(self.remat_policy)
     feats = []
-    for i in range(self.depth):
-      x = block(dim, self.num_heads, self.mlp_hidden, ln_eps=self.ln_eps, layerscale=None,
-                gelu_approximate=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                name=f"blocks_{i}")(x)
-      if i in key_depths:
-        feats.append(x[:, 1:])
+    if self.scan_blocks:
+      x, outs = layers.scanned_blocks(
+          x, self.depth, self.remat_policy, collect=True, dim=dim, num_heads=self.num_heads,
+          mlp_hidden=self.mlp_hidden, ln_eps=self.ln_eps, layerscale=None, gelu_approximate=True,
+          dtype=self.dtype, param_dtype=self.param_dtype)
+      feats = [outs[i][:, 1:] for i in sorted(key_depths)]
+    else:
+      block = layers.block_class(self.remat_policy)
+      for i in range(self.depth):
+        x = block(dim, self.num_heads, self.mlp_hidden, ln_eps=self.ln_eps, layerscale=None,
+                  gelu_approximate=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name=f"blocks_{i}")(x)
+        if i in key_depths:
+          feats.append(x[:, 1:])
     # The final norm is in the checkpoint but the reference never applies it; create its
     # parameters at init only so the tree round-trips to the PyTorch layout.
     if self.is_initializing():
@@ -292,6 +300,7 @@ class Discriminator(nn.Module):
   norm_eps: float = 1e-6
   freeze_backbone: bool = True
   remat_policy: Optional[str] = None
+  scan_blocks: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -313,7 +322,7 @@ class Discriminator(nn.Module):
     feats = backbone_cls(
         dim=self.dim, depth=self.depth, num_heads=self.num_heads, mlp_hidden=self.mlp_hidden,
         patch_size=self.patch_size, image_size=self.image_size, key_depths=tuple(self.key_depths),
-        ln_eps=self.ln_eps, remat_policy=self.remat_policy, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="backbone")(x)
+        ln_eps=self.ln_eps, remat_policy=self.remat_policy, scan_blocks=self.scan_blocks,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")(x)
     return DiscHeads(self.head_kernel_size, self.norm_eps, self.dtype, self.param_dtype,
                      name="heads")(feats, update_stats=train)

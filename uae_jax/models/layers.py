@@ -18,6 +18,7 @@ Dtype = Any
 EMBED = "embed"   # model width; sharded over the FSDP axis by default.
 MLP = "mlp"       # MLP hidden width.
 HEADS = "heads"   # attention projections (num_heads * head_dim).
+LAYERS = "layers" # leading axis of block parameters stacked for `nn.scan`; replicated by default.
 
 
 def dense(features: int, axes: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
@@ -134,7 +135,7 @@ class TransformerBlock(nn.Module):
     return x + h
 
 
-def block_class(remat_policy: Optional[str]):
+def block_class(remat_policy: Optional[str], prevent_cse: bool = True):
   """TransformerBlock, optionally wrapped in `nn.remat` with a named checkpoint policy."""
   if not remat_policy or remat_policy == "none":
     return TransformerBlock
@@ -145,4 +146,26 @@ def block_class(remat_policy: Optional[str]):
   }
   if remat_policy not in policies:
     raise ValueError(f"remat_policy={remat_policy!r}: expected one of {sorted(policies)} or 'none'")
-  return nn.remat(TransformerBlock, policy=policies[remat_policy])
+  return nn.remat(TransformerBlock, policy=policies[remat_policy], prevent_cse=prevent_cse)
+
+
+def scanned_blocks(x, depth: int, remat_policy: Optional[str], collect: bool = False,
+                   name: str = "blocks", **block_kwargs):
+  """Runs `depth` identical TransformerBlocks as one `nn.scan`; returns (x, per-block outputs).
+
+  Call from inside a compact method. The parameters are stacked under `name` with a leading
+  `depth` axis (logical name LAYERS) instead of `blocks_{i}`; `uae_jax.models.scan_utils`
+  converts between the two layouts. XLA then compiles one block body instead of `depth` copies.
+  `collect=True` also returns the list of every block's output (stacked by the scan).
+  """
+  # prevent_cse is only needed outside scan; inside it, it just blocks optimisations.
+  block = block_class(remat_policy, prevent_cse=False)
+
+  def body(module, carry, _):
+    y = module(carry)
+    return y, (y if collect else None)
+
+  scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
+                 metadata_params={nn.PARTITION_NAME: LAYERS})
+  x, ys = scan(block(name=name, **block_kwargs), x, None)
+  return x, ([ys[i] for i in range(depth)] if collect else [])

@@ -1,0 +1,208 @@
+"""Scale levers: remat policies and nn.scan leave the numbers alone; bf16 keeps fp32 master weights."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import stage1
+from configs import stage2
+from uae_jax import train
+from uae_jax.data import pipeline
+from uae_jax.models import decoder as decoder_lib
+from uae_jax.models import dinov2
+from uae_jax.models import discriminator as disc_lib
+from uae_jax.models import scan_utils
+from uae_jax.steps import DISC_SIZES
+
+
+def _cfg(module=stage2, steps=4, **overrides):
+  """Tiny config with logging/eval off; `overrides` are dotted keys."""
+  c = module.get_config(f"tiny,steps={steps}")
+  c.log_every_steps = 1
+  c.image_every_steps = 0
+  c.eval_every_steps = 0
+  c.ckpt.every_steps = 1000
+  for k, v in overrides.items():
+    node = c
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def _run(config, workdir, n, devices=None, transform=None):
+  """Runs n train steps; `transform(host_state) -> host_state` replaces the initial state."""
+  tr = train.Trainer(config, str(workdir), devices=devices)
+  it = pipeline.make_train_iterator(config.input)
+  state, _ = tr.initial_state(it)
+  init = jax.device_get(state)
+  if transform is not None:
+    new = transform(init)
+    assert jax.tree.structure(new) == jax.tree.structure(tr.state_abs)
+    state = jax.device_put(new, tr.state_sh)
+  metrics = []
+  for _ in range(n):
+    b = next(it)
+    b = pipeline.to_global_array({"image": b["image"], "label": b["label"]}, tr.batch_sh)
+    state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
+    metrics.append(jax.device_get(m))
+  return tr, init, jax.device_get(state), metrics
+
+
+def _assert_same_losses(a, b, rtol, keys=("loss", "l1", "lpips", "semantic")):
+  for step, (ma, mb) in enumerate(zip(a, b)):
+    for k in keys:
+      assert abs(ma[k] - mb[k]) <= rtol * abs(mb[k]) + 1e-12, (step, k, ma[k], mb[k])
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# peak_lr 1e-4 as in test_train's sharded-vs-single test: Adam's first updates are ~lr * sign(g),
+# so an element whose gradient is at float-noise level may flip by 2 lr whatever the lever.
+LR = 1e-4
+MESH = {"mesh.data": 2, "mesh.fsdp": 4, "optim.peak_lr": LR}
+LEVERS = {
+    "remat_full": {"model.encoder.remat_policy": "full", "model.decoder.remat_policy": "full"},
+    "remat_dots": {"model.encoder.remat_policy": "dots", "model.decoder.remat_policy": "dots"},
+    "scan": {"model.encoder.scan_blocks": True, "model.decoder.scan_blocks": True},
+    "scan_remat_full": {"model.encoder.scan_blocks": True, "model.decoder.scan_blocks": True,
+                        "model.encoder.remat_policy": "full", "model.decoder.remat_policy": "full"},
+}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+  """Stage-2 tiny run, 2 steps on a 2x4 mesh, no remat, unrolled blocks."""
+  _, init, final, metrics = _run(_cfg(**MESH), tmp_path_factory.mktemp("baseline"), 2)
+  return init, final, metrics
+
+
+# remat 'dots' is the same mechanism as 'full' with another policy: kept out of the default run.
+@pytest.mark.parametrize("lever", [pytest.param(k, marks=pytest.mark.slow) if k == "remat_dots"
+                                   else k for k in sorted(LEVERS)])
+def test_lever_leaves_tiny_run_losses_unchanged(tmp_path, baseline, lever):
+  """Same initial values (scanned runs get the baseline's init stacked): same losses, params."""
+  init, final, metrics = baseline
+  scanned = "scan" in lever
+  transform = (lambda own: scan_utils.stack_blocks(init)) if scanned else None
+  tr, own_init, final_l, metrics_l = _run(_cfg(**MESH, **LEVERS[lever]), tmp_path, 2,
+                                          transform=transform)
+  if not scanned:  # remat changes neither the parameter tree nor its initial values
+    _assert_trees_equal(own_init["params"], init["params"])
+  _assert_same_losses(metrics_l, metrics, 1e-5)
+  params = scan_utils.unstack_blocks(final_l["params"]) if scanned else final_l["params"]
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(final["params"])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=2 * 2 * LR)
+  if scanned:  # stacked params: the layer axis is replicated, the width still FSDP-sharded
+    q = tr.state_sh["params"]["decoder"]["blocks"]["attn"]["query"]["kernel"]
+    assert q.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+
+def test_stack_unstack_round_trip_is_bit_exact():
+  rng = np.random.default_rng(0)
+  enc = dinov2.DinoV2(size="tiny", input_size=56, pos_embed_grid=4)
+  x = jnp.asarray(rng.uniform(size=(1, 56, 56, 3)), jnp.float32)
+  params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                        nn.unbox(jax.eval_shape(enc.init, jax.random.key(0), x))["params"])
+  stacked = scan_utils.stack_blocks(params)
+  assert "blocks" in stacked and "blocks_0" not in stacked
+  scanned = dinov2.DinoV2(size="tiny", input_size=56, pos_embed_grid=4, scan_blocks=True)
+  want = nn.unbox(jax.eval_shape(scanned.init, jax.random.key(0), x))["params"]
+  assert jax.tree.map(np.shape, stacked) == jax.tree.map(lambda a: a.shape, want)
+  _assert_trees_equal(scan_utils.unstack_blocks(stacked), params)
+  # Also through optimiser-state-like containers (tuples of params-shaped dicts) and jax arrays.
+  tree = ({"mu": params, "count": np.int32(3)}, [jax.device_put(params)])
+  _assert_trees_equal(scan_utils.unstack_blocks(scan_utils.stack_blocks(tree)), tree)
+  # Same forward with the stacked params in the scanned model (up to XLA's fusion choices).
+  np.testing.assert_allclose(enc.apply({"params": params}, x),
+                             scanned.apply({"params": stacked}, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="contiguous"):
+    scan_utils.stack_blocks({"blocks_0": {"w": np.zeros(1)}, "blocks_2": {"w": np.zeros(1)}})
+
+
+def test_scanned_decoder_and_disc_backbone_match_unrolled():
+  rng = np.random.default_rng(1)
+  dec, dec_s = (decoder_lib.PixelDecoder(size="tiny", patch_size=8, scan_blocks=s)
+                for s in (False, True))
+  z = jnp.asarray(rng.standard_normal((2, 4, 4, 64)), jnp.float32)
+  p = nn.unbox(dec.init(jax.random.key(0), z))["params"]
+  np.testing.assert_allclose(dec.apply({"params": p}, z),
+                             dec_s.apply({"params": scan_utils.stack_blocks(p)}, z),
+                             rtol=1e-6, atol=1e-6)
+  kw = dict(DISC_SIZES["tiny"])
+  d, d_s = disc_lib.Discriminator(**kw), disc_lib.Discriminator(**kw, scan_blocks=True)
+  img = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+  v = nn.unbox(d.init(jax.random.key(1), img))
+  v_s = {"params": {"backbone": scan_utils.stack_blocks(v["params"]["backbone"]),
+                    "heads": v["params"]["heads"]}, "spectral": v["spectral"]}
+  a, b = d.apply(v, img), d_s.apply(v_s, img)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
+
+
+def test_scanned_run_checkpoints_chains_and_refuses_unscanned_successor(tmp_path):
+  scan = {"model.encoder.scan_blocks": True, "model.decoder.scan_blocks": True}
+  s1 = _cfg(stage1, steps=2, **scan)
+  s1.ckpt.every_steps = 2
+  train.train_and_evaluate(s1, str(tmp_path / "s1"))
+  # Stage chaining with the same layout restores the stacked EMA.
+  s2 = _cfg(stage2, steps=2, **scan, **{"init.from_stage": str(tmp_path / "s1"),
+                                         "init.allow_random_encoder": False})
+  tr = train.Trainer(s2, str(tmp_path / "s2"))
+  state, _ = tr.initial_state(pipeline.make_train_iterator(s2.input))
+  assert state["params"]["decoder"]["blocks"]["mlp"]["fc1"]["kernel"].shape[0] == 2
+  # An unscanned successor gets a clear error naming the option.
+  s2u = _cfg(stage2, steps=2, **{"init.from_stage": str(tmp_path / "s1"),
+                                 "init.allow_random_encoder": False})
+  tr = train.Trainer(s2u, str(tmp_path / "s2u"))
+  with pytest.raises(train.ConfigError, match="scan_blocks"):
+    tr.initial_state(pipeline.make_train_iterator(s2u.input))
+
+
+def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
+  c = _cfg(compute_dtype="bfloat16")
+  tr, _, state, metrics = _run(c, tmp_path, 2, devices=jax.devices()[:1])
+  for key in ("params", "ema", "teacher", "opt"):
+    dtypes = {x.dtype for x in jax.tree.leaves(state[key]) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {np.dtype(np.float32)}, (key, dtypes)
+  assert all(np.isfinite(m["loss"]) for m in metrics)
+  # The matmuls really run in bfloat16.
+  hlo = tr.train_step.lower(tr.state_abs, {
+      "image": jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32, sharding=tr.batch_sh),
+      "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=tr.batch_sh)},
+      tr.lpips_params, tr.disc_backbone).as_text()
+  assert "bf16" in hlo and "dot_general" in hlo
+
+
+def _saved_activation_bytes(module, params, batch: int, grid: int) -> int:
+  """Bytes the backward pass keeps from the forward (vjp residuals) for `batch` latent grids."""
+  z = jax.ShapeDtypeStruct((batch, grid, grid, 64), jnp.float32)
+  loss = lambda p, x: jnp.mean(jnp.square(module.apply(p, x)))
+  res = jax.eval_shape(lambda p, x: jax.vjp(lambda q: loss(q, x), p)[1], params, z)
+  return sum(int(np.prod(r.shape)) * r.dtype.itemsize for r in jax.tree.leaves(res))
+
+
+def test_remat_cuts_saved_activations_scan_or_not():
+  """Activation memory the backward needs, per image (residuals at batch 4 minus batch 2).
+
+  XLA:CPU's memory_analysis() does not reflect remat (its scheduler is not memory-aware, see
+  docs/scaling.md), so this counts the vjp residuals, which is what remat trades for compute.
+  """
+  per_image = {}
+  for policy in ("none", "full", "dots"):
+    for scan in (False, True):
+      dec = decoder_lib.PixelDecoder(size="small", patch_size=8, remat_policy=policy,
+                                     scan_blocks=scan)
+      params = jax.eval_shape(lambda: nn.unbox(dec.init(jax.random.key(0),
+                                                        jnp.zeros((1, 8, 8, 64)))))
+      per_image[policy, scan] = (_saved_activation_bytes(dec, params, 4, 8)
+                                 - _saved_activation_bytes(dec, params, 2, 8)) / 2
+  for scan in (False, True):
+    assert per_image["full", scan] * 2 <= per_image["none", scan], per_image
+    assert per_image["dots", scan] < per_image["none", scan], per_image
+    assert per_image["none", scan] == per_image["none", False], per_image
