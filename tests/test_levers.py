@@ -83,9 +83,10 @@ def baseline(tmp_path_factory):
   return init, final, metrics
 
 
-# remat 'dots' is the same mechanism as 'full' with another policy: kept out of the default run.
-@pytest.mark.parametrize("lever", [pytest.param(k, marks=pytest.mark.slow) if k == "remat_dots"
-                                   else k for k in sorted(LEVERS)])
+# The default run keeps the combined lever (scan + remat 'full'); each lever alone and remat
+# 'dots' (the same mechanism with another policy) run with `make test-slow`.
+@pytest.mark.parametrize("lever", [k if k == "scan_remat_full" else pytest.param(k, marks=pytest.mark.slow)
+                                   for k in sorted(LEVERS)])
 def test_lever_leaves_tiny_run_losses_unchanged(tmp_path, baseline, lever):
   """Same initial values (scanned runs get the baseline's init stacked): same losses, params."""
   init, final, metrics = baseline
@@ -145,6 +146,7 @@ def test_scanned_decoder_and_disc_backbone_match_unrolled():
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()))
 
 
+@pytest.mark.slow  # ~40 s: two short trainer runs
 def test_scanned_run_checkpoints_chains_and_refuses_unscanned_successor(tmp_path):
   scan = {"model.encoder.scan_blocks": True, "model.decoder.scan_blocks": True}
   s1 = _cfg(stage1, steps=2, **scan)

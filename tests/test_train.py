@@ -195,3 +195,17 @@ def test_stage_chaining_starts_from_previous_ema(tmp_path):
     np.testing.assert_array_equal(x, y)
   summary = json.load(open(tmp_path / "s1" / "summary.json"))
   assert summary["final_step"] == 2
+
+
+def test_metric_writer_handles_remote_style_workdirs(tmp_path, monkeypatch):
+  """gs:// workdirs: no abspath mangling, JSONL rewritten on flush (object stores cannot append)."""
+  from uae_jax import metric_writers
+  monkeypatch.setattr(metric_writers, "is_remote", lambda p: True)
+  w = metric_writers.MetricWriter(str(tmp_path / "remote"), tensorboard=False)
+  w.write_scalars(1, {"loss": 2.0})
+  w.write_scalars(2, {"loss": 1.0})
+  w.write_images(2, {"grid": np.zeros((4, 4, 3), np.uint8)})
+  w.close()
+  rows = [json.loads(l) for l in open(tmp_path / "remote" / "metrics.jsonl")]
+  assert [r["loss"] for r in rows] == [2.0, 1.0]
+  assert (tmp_path / "remote" / "images" / "grid_latest.png").exists()

@@ -4,6 +4,7 @@ CLU's writers import TensorFlow unconditionally (CommonLoopUtils #358), so this 
 keeps CLU's method names (`write_scalars`, `write_images`, `flush`, `close`) without it.
 Only JAX process 0 writes; other processes get a writer whose methods do nothing.
 """
+import io
 import json
 import os
 import time
@@ -11,6 +12,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 
@@ -27,21 +29,40 @@ def quiet_library_logs():
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
 
+def is_remote(path: str) -> bool:
+  """True for object-store paths such as gs://bucket/run (handled through etils.epath + gcsfs)."""
+  return "://" in str(path)
+
+
 class MetricWriter:
-  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard, images to PNG and TensorBoard."""
+  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard, images to PNG and TensorBoard.
+
+  Local workdirs append to the JSONL file; on object stores (gs://), which cannot append, the
+  file is rewritten from memory at every `flush` (it holds one short line per log step).
+  TensorBoard event files need a local directory (tensorboardX writes to GCS only through
+  TensorFlow), so for remote workdirs they go to `$UAE_JAX_LOCAL_TB` or are skipped with a warning.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self.enabled = enabled
+    self.remote = is_remote(workdir)
     self._tb = None
     self._jsonl = None
+    self._lines = []
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    if tensorboard:
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    if not self.remote:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    tb_dir = os.path.join(workdir, "tensorboard") if not self.remote else os.environ.get(
+        "UAE_JAX_LOCAL_TB", "")
+    if tensorboard and tb_dir:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(tb_dir)
+    elif tensorboard:
+      logging.warning("workdir %s is remote: TensorBoard events skipped (set UAE_JAX_LOCAL_TB to "
+                      "a local directory to keep them); metrics.jsonl is still written", workdir)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]):
     """One JSONL line and one TensorBoard scalar per entry."""
@@ -49,8 +70,11 @@ class MetricWriter:
       return
     row = {"step": int(step), "time": time.time()}
     row.update({k: float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.write(json.dumps(row) + "\n")
+      self._jsonl.flush()
+    else:
+      self._lines.append(json.dumps(row))
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -59,21 +83,26 @@ class MetricWriter:
     """HWC uint8 images to `<workdir>/images/<name>_<step>.png` and TensorBoard."""
     if not self.enabled:
       return
-    folder = os.path.join(self.workdir, "images")
-    os.makedirs(folder, exist_ok=True)
+    folder = self.workdir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
     for name, img in images.items():
-      Image.fromarray(img).save(os.path.join(folder, f"{name}_{int(step):07d}.png"))
-      Image.fromarray(img).save(os.path.join(folder, f"{name}_latest.png"))
+      buf = io.BytesIO()
+      Image.fromarray(img).save(buf, format="PNG")
+      (folder / f"{name}_{int(step):07d}.png").write_bytes(buf.getvalue())
+      (folder / f"{name}_latest.png").write_bytes(buf.getvalue())
       if self._tb is not None:
         self._tb.add_image(name, img, int(step), dataformats="HWC")
 
   def flush(self):
-    """Flushes pending TensorBoard events."""
+    """Flushes pending TensorBoard events (and rewrites a remote metrics.jsonl)."""
     if self._tb is not None:
       self._tb.flush()
+    if self.enabled and self.remote:
+      (self.workdir / "metrics.jsonl").write_text("\n".join(self._lines) + "\n")
 
   def close(self):
     """Closes the files."""
+    self.flush()
     if self._tb is not None:
       self._tb.close()
     if self._jsonl is not None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from uae_jax import sharding as sharding_lib
 from uae_jax import steps as steps_lib
@@ -49,9 +50,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   steps_lib.compute_dtype(config)
   for key in ("dinov2", "official_uae", "from_stage"):
     path = config.init[key]
-    if path and not os.path.exists(path):
+    if path and not epath.Path(path).exists():
       raise ConfigError(f"init.{key}={path!r} does not exist")
-  if config.gan.disc_backbone_path and not os.path.exists(config.gan.disc_backbone_path):
+  if config.gan.disc_backbone_path and not epath.Path(config.gan.disc_backbone_path).exists():
     raise ConfigError(f"gan.disc_backbone_path={config.gan.disc_backbone_path!r} does not exist")
   allow_random = config.init.allow_random_encoder
   has_start = config.init.dinov2 or config.init.from_stage or config.init.official_uae
@@ -183,7 +184,7 @@ class Trainer:
     # Runs on every process (it gathers per-image results); rFID too when config.eval names
     # the converted FID Inception weights and reference statistics.
     self.evaluator = recon_eval.ReconstructionEvaluator(config, self.batch_sh, self.lpips_params)
-    self.ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"),
+    self.ckpt = ckpt_lib.CheckpointManager(str(epath.Path(workdir) / "checkpoints"),
                                            keep=config.ckpt.keep, async_save=config.ckpt.async_save)
     self.writer = MetricWriter(workdir, enabled=self.is_main)
 
@@ -261,17 +262,15 @@ class Trainer:
     data_iter = pipeline.make_train_iterator(c.input)
     state, start = self.initial_state(data_iter)
     summary = {"stage": c.stage, "recipe": c.recipe, "start_step": start, "total_steps": self.total}
-    start_file = os.path.join(self.workdir, "eval_start.json")
+    start_file = epath.Path(self.workdir) / "eval_start.json"
     if start == 0:
       summary["eval_start"] = self._eval_and_log(0, state)
       if c.image_every_steps:
         self.write_image_grid(0, state["ema"], "recon_ema")
       if self.is_main:
-        with open(start_file, "w") as f:
-          json.dump(summary["eval_start"], f)
-    elif os.path.exists(start_file):  # resumed: keep the start-of-stage numbers of the first run
-      with open(start_file) as f:
-        summary["eval_start"] = json.load(f)
+        start_file.write_text(json.dumps(summary["eval_start"]))
+    elif start_file.exists():  # resumed: keep the start-of-stage numbers of the first run
+      summary["eval_start"] = json.loads(start_file.read_text())
     progress = ProgressLine(self.total, c.input.global_batch_size, start)
     meta = {"stage": c.stage, "recipe": c.recipe, "config": c.to_json_best_effort()}
     step = start
@@ -319,8 +318,7 @@ class Trainer:
     summary["final_step"] = step
     summary["images_per_sec"] = progress.images_per_sec
     if self.is_main:
-      with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+      (epath.Path(self.workdir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
   def _eval_and_log(self, step: int, state) -> dict:

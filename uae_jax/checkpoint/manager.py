@@ -11,6 +11,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 ITEMS = ("state", "data_iter", "meta")
 
@@ -29,7 +30,8 @@ class CheckpointManager:
   """Thin wrapper over `ocp.CheckpointManager` so a later Orbax API change touches one file."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Object-store paths (gs://...) go to Orbax as they are; local ones are made absolute.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     self._mgr = ocp.CheckpointManager(
         self.directory, item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -78,10 +80,9 @@ def restore_subtrees(directory: str, abstract_subtrees: dict, step: Optional[int
 
   Used to start a stage from the previous stage's workdir; only the named subtrees are read.
   """
-  directory = os.path.abspath(directory)
-  ckpt_dir = directory if os.path.basename(directory) == "checkpoints" else os.path.join(
-      directory, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  path = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+  ckpt_dir = str(path if path.name == "checkpoints" else path / "checkpoints")
+  if not epath.Path(ckpt_dir).is_dir():
     raise CheckpointError(f"no checkpoints directory at {ckpt_dir}")
   mgr = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS)
   step = mgr.latest_step() if step is None else step

@@ -21,12 +21,15 @@ import jax.numpy as jnp
 
 def translate(x, shift_h, shift_w):
   """out[b, i, j] = x[b, i + shift_h[b], j + shift_w[b]], zero where that is outside the image."""
-  b, h, w, _ = x.shape
-  # Same gather as the reference: index a 1-pixel zero-padded copy, clamping into the pad.
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  iy = jnp.clip(jnp.arange(h)[None, :] + shift_h[:, None] + 1, 0, h + 1)
-  ix = jnp.clip(jnp.arange(w)[None, :] + shift_w[:, None] + 1, 0, w + 1)
-  return xp[jnp.arange(b)[:, None, None], iy[:, :, None], ix[:, None, :]]
+  b, h, w, c = x.shape
+  # Same values as the reference's clamped gather into a 1-pixel zero pad, written as a vmapped
+  # dynamic_slice of a fully padded copy: XLA then sees the batch dimension of the gather and keeps
+  # it batch-sharded (a fancy-index gather was computed replicated on every device; see
+  # docs/scaling.md, finding 1).
+  xp = jnp.pad(x, ((0, 0), (h, h), (w, w), (0, 0)))
+  sh = jnp.clip(shift_h, -h, h) + h
+  sw = jnp.clip(shift_w, -w, w) + w
+  return jax.vmap(lambda img, i, j: jax.lax.dynamic_slice(img, (i, j, 0), (h, w, c)))(xp, sh, sw)
 
 
 def adjust_color(x, brightness, saturation, contrast):
