@@ -95,9 +95,8 @@ def trainable_labels(config) -> dict:
 def make_optimizers(config) -> tuple:
   """(generator optimiser with frozen subtrees zeroed, discriminator optimiser, schedules)."""
   total = total_steps(config)
-  steps_per_epoch = max(total / max(config.train.num_epochs, 1e-9), 1)
-  warmup = int(config.optim.warmup_epochs * steps_per_epoch) if config.train.total_steps <= 0 \
-      else int(config.optim.warmup_epochs * total / max(config.train.num_epochs, 1e-9))
+  # An "epoch" is total / num_epochs steps, whether total_steps is explicit or derived.
+  warmup = int(config.optim.warmup_epochs * total / max(config.train.num_epochs, 1e-9))
   sched = lr_schedule(config.optim.peak_lr, config.optim.end_lr, warmup, total)
   gen = optax.multi_transform({"train": _adamw(sched, config.optim), "frozen": optax.set_to_zero()},
                               trainable_labels(config))
