@@ -45,7 +45,7 @@ def make_config(name: str, stage: int, steps: int):
   c.gan.d_start_frac = c.gan.g_start_frac = 0.0  # measure the full stage-3 step (G + D)
   if name == "mid":
     c.model.encoder.update(size="S", input_size=112, pos_embed_grid=8)
-    c.model.decoder.size = "small"
+    c.model.decoder.update(size="small", patch_size=16)
     c.input.image_size = 128
   elif name != "tiny":
     raise ValueError(f"unknown bench config {name!r}")
