@@ -15,21 +15,7 @@ from uae_jax.models import discriminator as disc_lib
 from uae_jax.models import scan_utils
 from uae_jax.steps import DISC_SIZES
 
-
-def _cfg(module=stage2, steps=4, **overrides):
-  """Tiny config with logging/eval off; `overrides` are dotted keys."""
-  c = module.get_config(f"tiny,steps={steps}")
-  c.log_every_steps = 1
-  c.image_every_steps = 0
-  c.eval_every_steps = 0
-  c.ckpt.every_steps = 1000
-  for k, v in overrides.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+from test_train import _cfg  # the shared tiny-config helper
 
 
 def _run(config, workdir, n, devices=None, transform=None):

@@ -19,7 +19,8 @@ from uae_jax.data import pipeline
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cfg(module, steps=4, **overrides):
+def _cfg(module=stage2, steps=4, **overrides):
+  """Tiny config with logging/eval off; `overrides` are dotted keys (shared with other tests)."""
   c = module.get_config(f"tiny,steps={steps}")
   c.log_every_steps = 1
   c.image_every_steps = 0
