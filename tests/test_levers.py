@@ -16,25 +16,7 @@ from uae_jax.models import scan_utils
 from uae_jax.steps import DISC_SIZES
 
 from test_train import _cfg  # the shared tiny-config helper
-
-
-def _run(config, workdir, n, devices=None, transform=None):
-  """Runs n train steps; `transform(host_state) -> host_state` replaces the initial state."""
-  tr = train.Trainer(config, str(workdir), devices=devices)
-  it = pipeline.make_train_iterator(config.input)
-  state, _ = tr.initial_state(it)
-  init = jax.device_get(state)
-  if transform is not None:
-    new = transform(init)
-    assert jax.tree.structure(new) == jax.tree.structure(tr.state_abs)
-    state = jax.device_put(new, tr.state_sh)
-  metrics = []
-  for _ in range(n):
-    b = next(it)
-    b = pipeline.to_global_array({"image": b["image"], "label": b["label"]}, tr.batch_sh)
-    state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
-    metrics.append(jax.device_get(m))
-  return tr, init, jax.device_get(state), metrics
+from test_train import _run_steps as _run
 
 
 def _assert_same_losses(a, b, rtol, keys=("loss", "l1", "lpips", "semantic")):

@@ -20,6 +20,8 @@ from configs import stage1
 from uae_jax import train
 from uae_jax.data import pipeline
 
+from test_train import apply_overrides  # dotted-key config overrides
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 LOCAL_DEVICES = 2
@@ -50,14 +52,8 @@ def _free_port() -> int:
 
 
 def _config():
-  c = stage1.get_config(f"tiny,steps={STEPS}")
-  for k, v in OVERRIDES.items():
-    node = c
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return c
+  """The tiny stage-1 config both runs use."""
+  return apply_overrides(stage1.get_config(f"tiny,steps={STEPS}"), OVERRIDES)
 
 
 def _start_two_processes(workdir):

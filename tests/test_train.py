@@ -19,13 +19,8 @@ from uae_jax.data import pipeline
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cfg(module=stage2, steps=4, **overrides):
-  """Tiny config with logging/eval off; `overrides` are dotted keys (shared with other tests)."""
-  c = module.get_config(f"tiny,steps={steps}")
-  c.log_every_steps = 1
-  c.image_every_steps = 0
-  c.eval_every_steps = 0
-  c.ckpt.every_steps = 1000
+def apply_overrides(c, overrides):
+  """Sets dotted keys ('optim.peak_lr') of a ConfigDict in place; returns it."""
   for k, v in overrides.items():
     node = c
     *path, leaf = k.split(".")
@@ -35,18 +30,36 @@ def _cfg(module=stage2, steps=4, **overrides):
   return c
 
 
-def _run_steps(config, workdir, n, devices=None):
-  """Initialises a Trainer and runs n steps by hand; returns (trainer, state, [metrics])."""
+def _cfg(module=stage2, steps=4, **overrides):
+  """Tiny config with logging/eval off; `overrides` are dotted keys (shared with other tests)."""
+  c = module.get_config(f"tiny,steps={steps}")
+  c.log_every_steps = 1
+  c.image_every_steps = 0
+  c.eval_every_steps = 0
+  c.ckpt.every_steps = 1000
+  return apply_overrides(c, overrides)
+
+
+def _run_steps(config, workdir, n, devices=None, transform=None):
+  """Runs n train steps by hand; returns (trainer, initial host state, final host state, metrics).
+
+  `transform(host_state) -> host_state` replaces the initial state (e.g. stacked for scan).
+  """
   tr = train.Trainer(config, str(workdir), devices=devices)
   it = pipeline.make_train_iterator(config.input)
   state, _ = tr.initial_state(it)
-  out = []
+  init = jax.device_get(state)
+  if transform is not None:
+    new = transform(init)
+    assert jax.tree.structure(new) == jax.tree.structure(tr.state_abs)
+    state = jax.device_put(new, tr.state_sh)
+  metrics = []
   for _ in range(n):
-    batch = next(it)
-    batch = pipeline.to_global_array({"image": batch["image"], "label": batch["label"]}, tr.batch_sh)
-    state, m = tr.train_step(state, batch, tr.lpips_params, tr.disc_backbone)
-    out.append(jax.device_get(m))
-  return tr, state, out
+    b = next(it)
+    b = pipeline.to_global_array({"image": b["image"], "label": b["label"]}, tr.batch_sh)
+    state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
+    metrics.append(jax.device_get(m))
+  return tr, init, jax.device_get(state), metrics
 
 
 def _changed(a, b):
@@ -63,15 +76,10 @@ def _changed(a, b):
 def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
   overrides = {"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0} if module is stage3 else {}
   config = _cfg(module, steps=4, **overrides)
-  tr = train.Trainer(config, str(tmp_path))
-  it = pipeline.make_train_iterator(config.input)
-  state, _ = tr.initial_state(it)
-  before = jax.device_get({k: state[k] for k in ("params", "teacher", "ema")})
-  disc_before = jax.device_get(state.get("disc"))
-  batch = next(it)
-  batch = pipeline.to_global_array({"image": batch["image"], "label": batch["label"]}, tr.batch_sh)
-  state, m = tr.train_step(state, batch, tr.lpips_params, tr.disc_backbone)
-  after = jax.device_get({k: state[k] for k in ("params", "teacher", "ema")})
+  _, init, state, (m,) = _run_steps(config, tmp_path, 1)
+  before = {k: init[k] for k in ("params", "teacher", "ema")}
+  disc_before = init.get("disc")
+  after = {k: state[k] for k in ("params", "teacher", "ema")}
   assert _changed(before["params"], after["params"]) == expect
   # The teacher never moves; frozen subtrees of the EMA stay bit-identical too.
   assert not any(_changed({"t": before["teacher"]}, {"t": after["teacher"]}).values())
@@ -83,12 +91,12 @@ def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
     assert m["semantic"] >= 0
   if module is stage3:
     assert m["gan_weight"] > 0 and m["d_on"] == 1.0
-    assert _changed({"d": disc_before["params"]}, {"d": jax.device_get(state["disc"]["params"])})["d"]
+    assert _changed({"d": disc_before["params"]}, {"d": state["disc"]["params"]})["d"]
 
 
 def test_official_recipe_stage2_step_runs_with_clean_pass(tmp_path):
   config = _cfg(official_stage2, steps=4, **{"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0})
-  _, state, ms = _run_steps(config, tmp_path, 1)
+  _, _, state, ms = _run_steps(config, tmp_path, 1)
   m = ms[0]
   for key in ("l1", "lpips", "clean_l1", "clean_lpips", "semantic", "gan_g", "gan_d"):
     assert key in m and np.isfinite(m[key]), key
@@ -108,7 +116,7 @@ def test_single_device_and_2x4_mesh_agree(tmp_path):
   for (d, f), devices in (((2, 4), None), ((1, 1), jax.devices()[:1])):
     config = _cfg(stage2, steps=6, **{"optim.peak_lr": 1e-4})
     config.mesh.data, config.mesh.fsdp = d, f
-    runs.append(_run_steps(config, tmp_path / f"mesh{d}x{f}", 3, devices=devices)[2])
+    runs.append(_run_steps(config, tmp_path / f"mesh{d}x{f}", 3, devices=devices)[3])
   sharded, single = runs
   for step, (a, b) in enumerate(zip(sharded, single)):
     for k in ("loss", "l1", "lpips"):
