@@ -14,13 +14,13 @@ import jax.numpy as jnp
 
 from uae_jax.models import bands as bands_lib
 from uae_jax.models import decoder as decoder_lib
-from uae_jax.models import dinov2
+from uae_jax.models import encoders
 from uae_jax.models import modulator as modulator_lib
 
 
 class UAE(nn.Module):
   """Encoder, band split, fusion and decoder; `__call__` returns everything the losses need."""
-  encoder: dict             # DinoV2 constructor kwargs
+  encoder: dict             # config.model.encoder (`kind` selects the module, see encoders.py)
   decoder: dict             # PixelDecoder constructor kwargs
   recipe: str = "paper"     # 'paper' | 'official'
   num_bands: int = 4
@@ -39,11 +39,11 @@ class UAE(nn.Module):
   def setup(self):
     if self.recipe not in ("paper", "official"):
       raise ValueError(f"recipe={self.recipe!r}: expected 'paper' or 'official'")
-    self.enc = dinov2.DinoV2(**self.encoder, dtype=self.dtype, name="encoder")
+    self.enc = encoders.build(self.encoder, self.dtype, name="encoder")
     self.dec = decoder_lib.PixelDecoder(**self.decoder, dtype=self.dtype, name="decoder")
     if self.recipe == "paper" and self.use_modulator:
       self.mod = modulator_lib.SpectralModulator(
-          features=dinov2.SIZES[self.enc.size].dim, num_bands=self.num_bands, dtype=self.dtype,
+          features=encoders.latent_dim(self.encoder), num_bands=self.num_bands, dtype=self.dtype,
           name="modulator")
 
   def projector(self, height: int, width: int) -> bands_lib.BandProjector:
