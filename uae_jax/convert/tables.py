@@ -33,10 +33,12 @@ from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from uae_jax.errors import LoadError
+
 FlaxPath = Tuple[str, ...]
 
 
-class ConversionError(ValueError):
+class ConversionError(LoadError):
   """A conversion problem; `problems` lists every offending key (category, detail)."""
 
   def __init__(self, context: str, problems: Iterable[Tuple[str, str]] = ()):

