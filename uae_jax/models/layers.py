@@ -63,6 +63,26 @@ class Attention(nn.Module):
     return mk(self.out_name, (HEADS, EMBED))(out)
 
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation_fn(name: Optional[str], gelu_approximate: bool = False) -> Callable:
+  """The MLP nonlinearity: exact GELU, tanh GELU (SigLIP, DINO v1) or quick GELU (OpenAI CLIP).
+
+  `name=None` keeps the older switch: exact GELU, or the tanh form if `gelu_approximate`.
+  """
+  if name is None:
+    return lambda h: jax.nn.gelu(h, approximate=gelu_approximate)
+  if name == "gelu":
+    return lambda h: jax.nn.gelu(h, approximate=False)
+  if name == "gelu_tanh":
+    return lambda h: jax.nn.gelu(h, approximate=True)
+  if name == "quick_gelu":
+    # OpenAI CLIP's x * sigmoid(1.702 x) (HF `quick_gelu`).
+    return lambda h: h * jax.nn.sigmoid(1.702 * h)
+  raise ValueError(f"activation={name!r}: expected one of {ACTIVATIONS} or None")
+
+
 class Mlp(nn.Module):
   """Two-layer MLP with GELU (exact by default; DINO v1 discriminator uses the tanh form)."""
   dim: int
@@ -70,11 +90,12 @@ class Mlp(nn.Module):
   gelu_approximate: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation: Optional[str] = None  # overrides gelu_approximate, see `activation_fn`
 
   @nn.compact
   def __call__(self, x):
     h = dense(self.hidden, (EMBED, MLP), "fc1", self.dtype, self.param_dtype)(x)
-    h = jax.nn.gelu(h, approximate=self.gelu_approximate)
+    h = activation_fn(self.activation, self.gelu_approximate)(h)
     return dense(self.dim, (MLP, EMBED), "fc2", self.dtype, self.param_dtype)(h)
 
 
@@ -116,6 +137,7 @@ class TransformerBlock(nn.Module):
   gelu_approximate: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation: Optional[str] = None  # MLP nonlinearity name (see `activation_fn`); None: GELU
 
   @nn.compact
   def __call__(self, x):
@@ -129,7 +151,8 @@ class TransformerBlock(nn.Module):
     if self.swiglu:
       h = SwiGluMlp(self.dim, self.mlp_hidden, name="mlp", **kw)(h)
     else:
-      h = Mlp(self.dim, self.mlp_hidden, self.gelu_approximate, name="mlp", **kw)(h)
+      h = Mlp(self.dim, self.mlp_hidden, self.gelu_approximate, activation=self.activation,
+              name="mlp", **kw)(h)
     if self.layerscale is not None:
       h = LayerScale(self.dim, self.layerscale, self.param_dtype, name="ls2")(h)
     return x + h
