@@ -1,8 +1,7 @@
-r"""XManager launcher: one `uae_jax.main` job per point of a hyper-parameter sweep.
+r"""XManager launcher: one `uae_jax.main` job per point of a hyper-parameter sweep (Vertex AI).
 
     python launch/xm_launch.py --config=configs/stage1.py --workdir=gs://bucket/uae/sweep1 \
-        --sweep='optim.peak_lr=1e-4,2e-4;loss.semantic=0.5,1.0' \
-        --tpu_type=v3 --tpu_topology=4x4 --dry_run
+        --sweep='optim.peak_lr=1e-4,2e-4;loss.semantic=0.5,1.0' --tpu_type=v3 --tpu_count=8 --dry_run
 
     xmanager launch launch/xm_launch.py -- --config=... --workdir=gs://... --sweep=...
 
@@ -10,20 +9,37 @@ r"""XManager launcher: one `uae_jax.main` job per point of a hyper-parameter swe
 field, with or without the `config.` prefix). `--set KEY=VALUE` adds the same override to every
 job. Every job gets its own work directory `<workdir>/<index>_<key=value...>`.
 
-`--dry_run` prints one JSON job spec per sweep point (module, arguments, TPU requirements,
-environment, work directory) and contacts nothing; XManager is imported only for a real launch,
-so it need not be installed for a dry run.
+TPUs are requested the way XManager documents them, as a count: `--tpu_type=v3 --tpu_count=8`
+becomes `xm.JobRequirements(tpu_v3=8)`, i.e. one Vertex AI replica of machine type `cloud-tpu`
+with 8 TPU v3 cores (a v3-8, one host). What the Vertex executor of xmanager 0.8.5 can request:
 
-XManager's Vertex executor only knows TPU v2 and v3 (`xm.ResourceType` has TPU_V2/TPU_V3 only;
-google-deepmind/xmanager issue #63). Real launches therefore accept `--tpu_type` v2 / v3 only;
-for v4, v5e (v5litepod), v5p and v6e use `launch/tpu_vm.sh` (or xpk on GKE) — the dry run still
-prints their specs so a sweep can be planned and then run through `tpu_vm.sh`.
+* only TPU v2 and v3: its accelerator map (`xmanager/cloud/vertex.py`,
+  `_CLOUD_TPU_ACCELERATOR_TYPES`) has TPU_V2 and TPU_V3 only, although `xm.ResourceType` also
+  lists TPU_V4/V5E/V5P/V6E (google-deepmind/xmanager issue #63);
+* only single-host slices (v2-8 / v3-8): a job is one worker pool of one `cloud-tpu` machine;
+* for TPU jobs it drops the service account (xmanager issue #11), so the jobs run as the Vertex AI
+  service agent, which must be able to write the gs:// work directory.
+
+Anything else is refused for a real launch with that reason; use `launch/tpu_vm.sh` (v4, v5e =
+v5litepod, v5p, v6e, multi-host). `--dry_run` prints one JSON job spec per sweep point (module,
+arguments, TPU request, image build steps, environment, work directory) for any TPU type, so a
+sweep can be planned here and run point by point with `tpu_vm.sh`; it contacts nothing and does
+not need xmanager installed.
+
+Packaging follows XManager's own examples (`use_deep_module=False`): a clean copy of the project
+(`uae_jax/`, `configs/`, `requirements.txt`, `pyproject.toml`, `launch/`; no `.venv` or `.git`) is
+staged as `uae-jax/`, copied to `/uae-jax` in the image and used as the working directory, so the
+entrypoint `python -m uae_jax.main` imports the package from the working directory. The image
+installs `requirements.txt` plus pinned `jax[tpu]` (libtpu) and `gcsfs` (gs:// paths).
 """
 import itertools
 import json
+import os
 import re
+import shutil
 import sys
-from typing import Dict, List, Sequence, Tuple
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -33,16 +49,25 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Base GCS work directory; one su
 _SWEEP = flags.DEFINE_string("sweep", "", "Cartesian sweep: 'a.b=1,2;c=x,y'.")
 _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every job.")
 _TPU_TYPE = flags.DEFINE_enum("tpu_type", "v3", ["v2", "v3", "v4", "v5litepod", "v5p", "v6e"],
-                              "TPU generation.")
-_TPU_TOPOLOGY = flags.DEFINE_string("tpu_topology", "2x2",
-                                    "Chip topology, e.g. 2x2 (8 cores on v2/v3), 4x4, 2x2x2.")
+                              "TPU generation (gcloud naming: v5e is v5litepod).")
+_TPU_COUNT = flags.DEFINE_integer(
+    "tpu_count", 8, "The number in the gcloud slice name (v3-8 -> 8): TensorCores for "
+    "v2/v3/v4/v5p, chips for v5litepod/v6e. XManager form: tpu_v3=8.")
 _TITLE = flags.DEFINE_string("experiment_title", "uae_jax", "XManager experiment title.")
 _BASE_IMAGE = flags.DEFINE_string("base_image", "python:3.11", "Container base image.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the job specs; launch nothing.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 MODULE = "uae_jax.main"
-XM_TPU_TYPES = ("v2", "v3")  # what xm.ResourceType knows (xmanager issue #63)
+# What xmanager 0.8.5's Vertex executor maps to a Vertex accelerator
+# (xmanager/cloud/vertex.py `_CLOUD_TPU_ACCELERATOR_TYPES`; xmanager issue #63).
+VERTEX_TPU_TYPES = ("v2", "v3")
+VERTEX_TPU_COUNT = 8  # one `cloud-tpu` machine = one v2-8 / v3-8 host
+# Pins installed into the image on top of requirements.txt (the same as launch/tpu_vm.sh).
+JAX_TPU_PIN = "jax[tpu]==0.10.2"
+GCSFS_PIN = "gcsfs==2026.10.1"
+PROJECT_DIR = "uae-jax"  # staged project directory = /uae-jax in the image
+PROJECT_ENTRIES = ("uae_jax", "configs", "launch", "requirements.txt", "pyproject.toml")
 # TPU VM pods start jax.distributed from the TPU metadata; these keep logs readable.
 ENV = {"TF_CPP_MIN_LOG_LEVEL": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -85,28 +110,88 @@ def parse_set(items: Sequence[str]) -> Dict[str, str]:
   return out
 
 
-def tpu_requirements(tpu_type: str, topology: str) -> Dict[str, object]:
-  """Resource request of one job: the XManager form for v2/v3, a plain description otherwise."""
-  if not re.fullmatch(r"\d+(x\d+)*", topology):
-    raise SweepError(f"--tpu_topology={topology!r}: expected e.g. 2x2 or 2x2x2")
-  chips = 1
-  for d in topology.split("x"):
-    chips *= int(d)
-  # Chips per TPU VM host: 4, except single-host v5e/v6e slices of up to 8 chips.
-  per_host = 8 if tpu_type in ("v5litepod", "v6e") and chips <= 8 else 4
-  req = {"accelerator": f"tpu_{tpu_type}", "topology": topology, "chips": chips,
-         "hosts": max(1, -(-chips // per_host)), "xm_supported": tpu_type in XM_TPU_TYPES}
-  if tpu_type in XM_TPU_TYPES:
-    req["xm"] = f"xm.JobRequirements(tpu_{tpu_type}={topology!r})"
+def _slice_shape(tpu_type: str, count: int) -> Tuple[int, int]:
+  """(chips, hosts) of the gcloud slice `<tpu_type>-<count>`."""
+  if tpu_type in ("v5litepod", "v6e"):  # the name counts chips; 8 on one host, else 4 per host
+    chips = count
+    per_host = 8 if chips <= 8 else 4
+  else:  # v2/v3/v4/v5p names count TensorCores: 2 per chip, 4 chips per host
+    chips = max(1, count // 2)
+    per_host = 4
+  return chips, max(1, -(-chips // per_host))
+
+
+def vertex_refusal(tpu_type: str, count: int) -> Optional[str]:
+  """Why XManager's Vertex executor cannot request this slice, or None when it can."""
+  name = f"{tpu_type}-{count}"
+  if tpu_type not in VERTEX_TPU_TYPES:
+    return (f"XManager's Vertex executor cannot request TPU {tpu_type}: its accelerator map "
+            f"(xmanager/cloud/vertex.py _CLOUD_TPU_ACCELERATOR_TYPES, xmanager 0.8.5) has only "
+            f"TPU_V2 and TPU_V3, although xm.ResourceType lists newer TPUs (google-deepmind/"
+            f"xmanager issue #63). Run {name} with launch/tpu_vm.sh.")
+  if count != VERTEX_TPU_COUNT:
+    _, hosts = _slice_shape(tpu_type, count)
+    what = f"spans {hosts} hosts" if hosts > 1 else "is not a whole host"
+    return (f"{name} {what}, but XManager's Vertex executor requests one replica of machine type "
+            f"'cloud-tpu' (accelerator_count = the tpu_{tpu_type} count): only single-host "
+            f"{tpu_type}-{VERTEX_TPU_COUNT} slices (tpu_{tpu_type}={VERTEX_TPU_COUNT}) can be "
+            f"requested. Run {name} with launch/tpu_vm.sh.")
+  return None
+
+
+def tpu_requirements(tpu_type: str, count: int) -> Dict[str, object]:
+  """Resource request of one job: the XManager count form, chips, hosts and any refusal."""
+  if count < 1:
+    raise SweepError(f"--tpu_count={count}: must be positive")
+  chips, hosts = _slice_shape(tpu_type, count)
+  refusal = vertex_refusal(tpu_type, count)
+  req = {"accelerator": f"{tpu_type}-{count}", "chips": chips, "hosts": hosts,
+         "xm_supported": refusal is None}
+  if refusal is None:
+    req["xm"] = f"xm.JobRequirements(tpu_{tpu_type}={count})"
+    req["vertex"] = {"machine_type": "cloud-tpu", "accelerator_type": f"TPU_{tpu_type.upper()}",
+                     "accelerator_count": count, "replica_count": 1}
+  else:
+    req["refusal"] = refusal
   return req
 
 
+def docker_instructions(directory: str = PROJECT_DIR) -> List[str]:
+  """Image build steps: the project at /<directory> (also the working directory) + pinned stack.
+
+  The layout of XManager's examples (`use_deep_module=False`): `python -m uae_jax.main` then finds
+  `/<directory>/uae_jax/main.py` through the working directory.
+  """
+  return [
+      "ENV LANG=C.UTF-8",
+      "RUN python -m pip install --upgrade pip",
+      f"COPY {directory}/requirements.txt /{directory}/requirements.txt",
+      f"RUN python -m pip install -r /{directory}/requirements.txt '{JAX_TPU_PIN}' '{GCSFS_PIN}'",
+      f"COPY {directory}/ /{directory}",
+      f"WORKDIR /{directory}",
+  ]
+
+
+def stage_project(repo: str, dest_parent: str) -> str:
+  """Copies only what the image needs (no .venv/.git/runs) to <dest_parent>/uae-jax; returns it."""
+  dest = os.path.join(dest_parent, PROJECT_DIR)
+  os.makedirs(dest)
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+  for entry in PROJECT_ENTRIES:
+    src = os.path.join(repo, entry)
+    if os.path.isdir(src):
+      shutil.copytree(src, os.path.join(dest, entry), ignore=ignore)
+    elif os.path.exists(src):
+      shutil.copy2(src, os.path.join(dest, entry))
+  return dest
+
+
 def job_specs(config: str, workdir: str, sweep: str, overrides: Sequence[str], tpu_type: str,
-              topology: str) -> List[dict]:
-  """One dict per sweep point: name, module, args (flag list), requirements, env, workdir."""
+              count: int) -> List[dict]:
+  """One dict per sweep point: name, module, args (flag list), requirements, image, env, workdir."""
   fixed = parse_set(overrides)
   points = parse_sweep(sweep) or [{}]
-  req = tpu_requirements(tpu_type, topology)
+  req = tpu_requirements(tpu_type, count)
   specs = []
   for i, point in enumerate(points):
     clash = set(point) & set(fixed)
@@ -115,39 +200,42 @@ def job_specs(config: str, workdir: str, sweep: str, overrides: Sequence[str], t
     tag = ",".join(f"{k[len('config.'):]}={v}" for k, v in point.items())
     name = f"{i}" + (f"_{tag}" if tag else "")
     job_workdir = workdir.rstrip("/") + "/" + re.sub(r"[^\w.=,-]", "_", name)
-    args = {"config": config, "workdir": job_workdir, **fixed, **point}
+    args = {"config": config, "workdir": job_workdir}
     if req["hosts"] > 1:  # several hosts: main must call jax.distributed.initialize()
-      args = {"config": config, "workdir": job_workdir, "multihost": True, **fixed, **point}
+      args["multihost"] = True
+    args.update({**fixed, **point})
     specs.append({
         "name": name,
         "module": MODULE,
         "args": [f"--{k}" if v is True else f"--{k}={v}" for k, v in args.items()],
         "requirements": req,
+        "image": {"project_dir": PROJECT_DIR, "use_deep_module": False,
+                  "docker_instructions": docker_instructions()},
         "env": dict(ENV),
         "workdir": job_workdir,
     })
   return specs
 
 
-def launch(specs: List[dict], title: str, base_image: str, tpu_type: str, topology: str):
+def launch(specs: List[dict], title: str, base_image: str, tpu_type: str, count: int):
   """Creates the XManager experiment on Vertex AI with one job per spec."""
-  if tpu_type not in XM_TPU_TYPES:
-    raise SystemExit(
-        f"XManager's Vertex executor supports TPU v2/v3 only (xmanager issue #63); "
-        f"--tpu_type={tpu_type} cannot be requested through it. Use launch/tpu_vm.sh "
-        f"(or xpk on GKE) for v4/v5e/v5p/v6e; --dry_run prints the per-job arguments.")
+  refusal = vertex_refusal(tpu_type, count)
+  if refusal:
+    raise SystemExit(f"error: {refusal} (--dry_run prints the per-job arguments.)")
   # Imported here so that --dry_run works without xmanager installed.
   from xmanager import xm  # pylint: disable=g-import-not-at-top
   from xmanager import xm_local  # pylint: disable=g-import-not-at-top
-  repo = __file__.rsplit("/launch/", 1)[0]
-  with xm_local.create_experiment(experiment_title=title) as experiment:
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as staging, \
+      xm_local.create_experiment(experiment_title=title) as experiment:
     [executable] = experiment.package([
         xm.python_container(
-            executor_spec=xm_local.Vertex.Spec(), path=repo, base_image=base_image,
-            entrypoint=xm.ModuleName(MODULE), use_deep_module=True),
+            executor_spec=xm_local.Vertex.Spec(), path=stage_project(repo, staging),
+            base_image=base_image, docker_instructions=docker_instructions(),
+            entrypoint=xm.ModuleName(MODULE), use_deep_module=False),
     ])
     for spec in specs:
-      requirements = xm.JobRequirements(**{f"tpu_{tpu_type}": topology})
+      requirements = xm.JobRequirements(**{f"tpu_{tpu_type}": count})
       # args as a list keeps the exact --config.x=y flags of the dry run.
       experiment.add(xm.Job(executable=executable,
                             executor=xm_local.Vertex(requirements=requirements),
@@ -160,7 +248,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     specs = job_specs(_CONFIG.value, _WORKDIR.value, _SWEEP.value, _SET.value, _TPU_TYPE.value,
-                      _TPU_TOPOLOGY.value)
+                      _TPU_COUNT.value)
   except SweepError as e:
     raise app.UsageError(str(e))
   if not _WORKDIR.value.startswith("gs://"):
@@ -169,9 +257,12 @@ def main(argv):
   if _DRY_RUN.value:
     for spec in specs:
       print(json.dumps(spec, sort_keys=True))
+    refusal = specs[0]["requirements"].get("refusal")
+    if refusal:
+      print(f"# not launchable through XManager: {refusal}", file=sys.stderr)
     print(f"# {len(specs)} job(s); dry run, nothing launched", file=sys.stderr)
     return
-  launch(specs, _TITLE.value, _BASE_IMAGE.value, _TPU_TYPE.value, _TPU_TOPOLOGY.value)
+  launch(specs, _TITLE.value, _BASE_IMAGE.value, _TPU_TYPE.value, _TPU_COUNT.value)
 
 
 if __name__ == "__main__":
