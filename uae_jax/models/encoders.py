@@ -2,15 +2,25 @@
 
 Every encoder maps [0, 1] images (B, S, S, 3) to a channels-last latent grid (B, H, W, C). The UAE
 model, the semantic teacher, the trainer, conversion and the analysis tools go through `build`,
-`latent_dim` and `load` here, so adding an encoder is one registry entry, not branches elsewhere.
+`latent_dim`, `latent_grid` and `load` here, so adding an encoder is one registry entry, not
+branches elsewhere.
+
+Kinds (full-size defaults in `DEFAULTS`, CPU test sizes in `TINY`):
+  dinov2   DINOv2 ViT-B/14 with 4 registers, 224 px, final LayerNorm without affine (models/dinov2.py)
+  clip     OpenAI CLIP ViT-L/14, 224 px, raw last-block patch tokens (models/clip.py)
+  siglip2  SigLIP2 ViT-B/16, 256 px, final LayerNorm without affine (models/siglip.py)
+The official-code recipe settings that follow from the encoder (the DCT keep counts and the number
+of zig-zag coefficients in the semantic loss) are in `OFFICIAL_RECIPE`.
 """
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from uae_jax.errors import ConfigError
+from uae_jax.models import clip
 from uae_jax.models import dinov2
+from uae_jax.models import siglip
 
 
 class EncoderKind(NamedTuple):
@@ -18,6 +28,9 @@ class EncoderKind(NamedTuple):
   module: Callable[..., nn.Module]          # the Flax module class
   latent_dim: Callable[[Mapping], int]      # channels C of the latent grid
   load: Callable[[str, Mapping], Any]       # (path, encoder_cfg) -> params in the config's layout
+  # (path, input_size or None) -> (params, constructor kwargs) as stored in / implied by the file
+  pretrained: Callable[[str, Any], Tuple[dict, dict]]
+  default_patch: int                        # patch size when the config does not set one
 
 
 def _dinov2_dim(cfg: Mapping) -> int:
@@ -30,17 +43,75 @@ def _dinov2_load(path: str, cfg: Mapping):
   return dinov2.load(path, cfg)
 
 
+def _dinov2_pretrained(path: str, input_size):
+  """DINOv2 (params, kwargs) as stored, final LayerNorm affine included (HF `last_hidden_state`)."""
+  from uae_jax.convert import dinov2 as convert_dinov2
+  return convert_dinov2.load_dinov2(path, input_size=input_size)
+
+
+def _clip_pretrained(path: str, input_size):
+  """CLIP (params, kwargs) as stored."""
+  from uae_jax.convert import clip as convert_clip
+  return convert_clip.load_clip(path, input_size=input_size)
+
+
+def _siglip_pretrained(path: str, input_size):
+  """SigLIP(2) (params, kwargs) as stored."""
+  from uae_jax.convert import siglip as convert_siglip
+  return convert_siglip.load_siglip(path, input_size=input_size)
+
+
+def _size_dim(sizes: Mapping) -> Callable[[Mapping], int]:
+  """latent_dim for encoders whose width is given by a named size."""
+  def dim(cfg: Mapping) -> int:
+    if cfg.get("size") not in sizes:
+      raise ConfigError(f"model.encoder.size={cfg.get('size')!r}: expected one of {sorted(sizes)}")
+    return sizes[cfg["size"]].dim
+  return dim
+
+
 KINDS = {
-    "dinov2": EncoderKind(dinov2.DinoV2, _dinov2_dim, _dinov2_load),
+    "dinov2": EncoderKind(dinov2.DinoV2, _dinov2_dim, _dinov2_load, _dinov2_pretrained, 14),
+    "clip": EncoderKind(clip.Clip, _size_dim(clip.SIZES), clip.load, _clip_pretrained, 14),
+    "siglip2": EncoderKind(siglip.Siglip, _size_dim(siglip.SIZES), siglip.load,
+                           _siglip_pretrained, 16),
 }
+
+# Full-size encoder configs (config.model.encoder) of the official UAE encoders.
+DEFAULTS = {
+    "dinov2": dict(kind="dinov2", size="B", num_registers=4, input_size=224, pos_embed_grid=37,
+                   pos_embed_convention="antialiased_bicubic", final_norm_affine=False),
+    "clip": dict(kind="clip", size="L", patch_size=14, input_size=224, pos_embed_grid=16,
+                 pos_embed_convention="torch_bicubic", post_norm=False),
+    "siglip2": dict(kind="siglip2", size="B", patch_size=16, input_size=256, pos_embed_grid=16,
+                    pos_embed_convention="torch_bicubic", final_norm_affine=False, head=False),
+}
+# CPU test sizes: an 8 x 8 latent grid from 64 px images (decoder patch 8).
+TINY = {
+    "dinov2": dict(size="tiny", input_size=112, pos_embed_grid=8),
+    "clip": dict(size="tiny", input_size=112, pos_embed_grid=8),
+    "siglip2": dict(size="tiny", input_size=128, pos_embed_grid=8),
+}
+# Official-code recipe settings tied to the encoder (its stage-2 configs): eval keep count, random
+# keep range of the DCT low-pass, and the zig-zag coefficients of the semantic loss.
+OFFICIAL_RECIPE = {
+    "dinov2": dict(dct_count=36, dct_count_min=32, dct_count_max=256, semantic_first_k=64),
+    "clip": dict(dct_count=36, dct_count_min=36, dct_count_max=256, semantic_first_k=64),
+    "siglip2": dict(dct_count=128, dct_count_min=128, dct_count_max=256, semantic_first_k=128),
+}
+
+
+def kind_name(cfg: Mapping) -> str:
+  """The encoder kind named by `cfg['kind']` (default dinov2), validated."""
+  name = cfg.get("kind", "dinov2")
+  if name not in KINDS:
+    raise ConfigError(f"model.encoder.kind={name!r}: expected one of {sorted(KINDS)}")
+  return name
 
 
 def _kind(cfg: Mapping) -> EncoderKind:
   """The registry entry named by `cfg['kind']` (default dinov2)."""
-  name = cfg.get("kind", "dinov2")
-  if name not in KINDS:
-    raise ConfigError(f"model.encoder.kind={name!r}: expected one of {sorted(KINDS)}")
-  return KINDS[name]
+  return KINDS[kind_name(cfg)]
 
 
 def module_kwargs(cfg: Mapping) -> dict:
@@ -58,6 +129,30 @@ def latent_dim(cfg: Mapping) -> int:
   return _kind(cfg).latent_dim(cfg)
 
 
+def patch_size(cfg: Mapping) -> int:
+  """The encoder's patch size (the config's, else the kind's default)."""
+  return int(cfg.get("patch_size") or _kind(cfg).default_patch)
+
+
+def latent_grid(cfg: Mapping) -> int:
+  """Side of the square latent grid: input_size // patch_size."""
+  if not cfg.get("input_size"):
+    raise ConfigError("model.encoder.input_size must be set to know the latent grid")
+  return int(cfg["input_size"]) // patch_size(cfg)
+
+
 def load(path: str, cfg: Mapping):
   """Pretrained encoder params from `path`, converted, laid out and shape-checked for `cfg`."""
   return _kind(cfg).load(path, cfg)
+
+
+def pretrained(kind: str, path: str, input_size: Any = None) -> Tuple[nn.Module, dict]:
+  """(module, params) of an encoder exactly as stored in `path` (analysis tools, no config)."""
+  entry = _kind({"kind": kind})
+  params, kwargs = entry.pretrained(path, input_size)
+  return entry.module(**kwargs), params
+
+
+def official_recipe(cfg: Mapping) -> dict:
+  """The encoder-dependent official-recipe settings (DCT keep counts, semantic_first_k)."""
+  return dict(OFFICIAL_RECIPE[kind_name(cfg)])
