@@ -302,8 +302,9 @@ else
 fi
 
 # 2. A trainer left by an earlier launch holds the TPU ("TPU already in use"): stop it by the pid
-#    recorded on each worker (checked to still be uae_jax.main, as pids are reused).
-ssh_all "pid=\$(cat ~/$PID_FILE 2>/dev/null || true); if [ -n \"\$pid\" ] && grep -qa uae_jax.main /proc/\$pid/cmdline 2>/dev/null; then echo \"\$(hostname): stopping previous trainer \$pid\"; kill \$pid; for i in \$(seq 60); do kill -0 \$pid 2>/dev/null || break; sleep 1; done; kill -9 \$pid 2>/dev/null || true; fi; rm -f ~/$PID_FILE"
+#    recorded on each worker (checked to still be uae_jax.main, as pids are reused): SIGTERM, up
+#    to 60 s to exit (a zombie has an empty cmdline, so it counts as gone), then SIGKILL.
+ssh_all "pid=\$(cat ~/$PID_FILE 2>/dev/null || true); if [ -n \"\$pid\" ] && grep -qa uae_jax.main /proc/\$pid/cmdline 2>/dev/null; then echo \"\$(hostname): stopping previous trainer \$pid\"; kill \$pid; for i in \$(seq 60); do grep -qa uae_jax.main /proc/\$pid/cmdline 2>/dev/null || break; sleep 1; done; kill -9 \$pid 2>/dev/null || true; fi; rm -f ~/$PID_FILE"
 
 # 3. Fresh code on every worker: unpacked / cloned next to the old tree, then swapped in, so no
 #    file of an older launch survives.
