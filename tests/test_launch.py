@@ -127,7 +127,8 @@ def _two_host(*extra):
 
 
 def test_tpu_vm_dry_run_two_hosts():
-  r = _two_host("--spot", "--config.optim.peak_lr=1e-4", "--config.input.num_workers=8")
+  r = _two_host("--spot", "--python", "/opt/py311/bin/python3", "--config.optim.peak_lr=1e-4",
+                "--config.input.num_workers=8")
   lines = [l for l in r.stdout.splitlines() if l and not l.startswith("#")]
   gcloud = [l for l in lines if l.startswith("gcloud ")]
   loc = "--zone=us-central2-b --project=my-proj"
@@ -143,7 +144,7 @@ def test_tpu_vm_dry_run_two_hosts():
   assert "uae_jax_run.pid" in stop and "kill" in stop
   assert " scp " in scp and "uae-v4:~/uae_jax.tgz" in scp
   assert "tar -xzf ~/uae_jax.tgz -C ~/uae_jax.new" in unpack and "mv ~/uae_jax.new ~/uae_jax" in unpack
-  assert "bash launch/worker_setup.sh ~/uae_jax_venv" in install
+  assert "UAE_PYTHON=/opt/py311/bin/python3 bash launch/worker_setup.sh ~/uae_jax_venv" in install
   assert "jax[tpu]==0.10.2" in install and "gcsfs==" in install
   assert f"~/uae_jax_venv/bin/{TRAIN} --config.optim.peak_lr=1e-4 --config.input.num_workers=8" in run
   assert "echo $$ > ~/uae_jax_run.pid" in run and "tee ~/uae_jax_run.log" in run
