@@ -5,6 +5,8 @@
   python -m uae_jax.convert uae-import --src FILE --out DIR [--which ema|model]
   python -m uae_jax.convert uae-export --src DIR --out FILE.safetensors [--key-style hf4|hf5]
   python -m uae_jax.convert dino-disc --src FILE --out DIR [--zero-key-bias]
+  python -m uae_jax.convert clip --src FILE_OR_HF_DIR --out DIR [--input-size 224] [--drop-post-norm]
+  python -m uae_jax.convert siglip2 --src FILE_OR_HF_DIR --out DIR [--drop-final-norm] [--drop-head]
 
 Output directories hold `params.msgpack` + `arch.json` (see uae_jax/convert/flax_io.py).
 Exit status 2 and one message listing every problem on a ConversionError.
@@ -41,6 +43,19 @@ def _parser() -> argparse.ArgumentParser:
                        "hf5 = transformers-5 in-memory")
   ue.add_argument("--decoder-grid", type=int, default=None,
                   help="latent grid of the written decoder_pos_embed (default: from arch.json, 16)")
+  c = sub.add_parser("clip", help="CLIP vision tower (HF CLIPVisionModel / CLIPModel) -> Flax Clip")
+  c.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
+  c.add_argument("--out", required=True, help="output directory")
+  c.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  c.add_argument("--drop-post-norm", action="store_true",
+                 help="discard post_layernorm (pooled output only; UAE-CLIP has none)")
+  sg = sub.add_parser("siglip2", help="SigLIP/SigLIP2 vision tower (HF) -> Flax Siglip params")
+  sg.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
+  sg.add_argument("--out", required=True, help="output directory")
+  sg.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  sg.add_argument("--drop-final-norm", action="store_true",
+                  help="discard post_layernorm's affine (UAE-SigLIP2 has none)")
+  sg.add_argument("--drop-head", action="store_true", help="discard the attention-pool head")
   dd = sub.add_parser("dino-disc", help="DINO ViT-S/8 discriminator backbone -> Flax params")
   dd.add_argument("--src", required=True)
   dd.add_argument("--out", required=True)
@@ -69,6 +84,17 @@ def main(argv=None) -> int:
       sd = uae.export_official_uae_from_dir(args.src, args.out, key_style=args.key_style,
                                             decoder_grid=args.decoder_grid)
       print(f"wrote {args.out}: {len(sd)} tensors ({args.key_style} encoder names)")
+    elif args.cmd == "clip":
+      from uae_jax.convert import clip
+      _, arch = clip.convert_clip_file(args.src, args.out, input_size=args.input_size,
+                                       drop_post_norm=args.drop_post_norm)
+      print(f"wrote {args.out}/params.msgpack and arch.json: Clip({json.dumps(arch)})")
+    elif args.cmd == "siglip2":
+      from uae_jax.convert import siglip
+      _, arch = siglip.convert_siglip_file(args.src, args.out, input_size=args.input_size,
+                                           drop_final_norm=args.drop_final_norm,
+                                           drop_head=args.drop_head)
+      print(f"wrote {args.out}/params.msgpack and arch.json: Siglip({json.dumps(arch)})")
     elif args.cmd == "dino-disc":
       from uae_jax.convert import discriminator
       _, arch = discriminator.convert_dino_disc_file(args.src, args.out,

@@ -156,3 +156,9 @@ def pretrained(kind: str, path: str, input_size: Any = None) -> Tuple[nn.Module,
 def official_recipe(cfg: Mapping) -> dict:
   """The encoder-dependent official-recipe settings (DCT keep counts, semantic_first_k)."""
   return dict(OFFICIAL_RECIPE[kind_name(cfg)])
+
+
+def normalisation(cfg: Mapping) -> Tuple[tuple, tuple]:
+  """(mean, std) the encoder normalises pixels with; the pixel decoder must de-normalise with them."""
+  module = build(cfg)
+  return tuple(module.mean), tuple(module.std)
