@@ -26,13 +26,29 @@ def _photo_grid(photo_batch, size):
   return photo_batch.reshape(4, size, f, size, f, 3).mean(axis=(2, 4))
 
 
-def _numpy_split(z, masks):
-  """Float64 numpy version of the iterative split, written out literally."""
+def _steps(height, width, num_bands, tau=0.02):
+  """Independent float64 rho, edges and sigmoid steps s_1..s_{K-1} from the written definitions."""
+  fy, fx = np.meshgrid(np.fft.fftfreq(height), np.fft.fftfreq(width), indexing="ij")
+  rho = np.sqrt(fy ** 2 + fx ** 2) / 0.5
+  edges = [k * np.sqrt(2) / num_bands for k in range(1, num_bands)]
+  return rho, edges, [1 / (1 + np.exp(-(rho - e) / tau)) for e in edges]
+
+
+def _step_multipliers(height, width, num_bands, band_split):
+  """What step k of the split applies to the residual: L_k = 1 - s_{k+1} or M_k (K-1 of them)."""
+  _, _, s = _steps(height, width, num_bands)
+  if band_split == "lowpass":
+    return [1 - s[k] for k in range(num_bands - 1)]
+  return list(B.radial_masks(height, width, num_bands)[:-1])
+
+
+def _numpy_split(z, steps):
+  """Float64 numpy version of the iterative split, written out literally (K-1 step multipliers)."""
   z = np.asarray(z, np.float64)
   residual, out = z, []
-  for k in range(masks.shape[0] - 1):
+  for mult in steps:
     spec = np.fft.fft2(residual, axes=(1, 2))
-    band = np.fft.ifft2(masks[k][None, :, :, None] * spec, axes=(1, 2)).real
+    band = np.fft.ifft2(mult[None, :, :, None] * spec, axes=(1, 2)).real
     out.append(band)
     residual = residual - band
   out.append(residual)
@@ -126,23 +142,39 @@ def test_constant_grid_in_band0(method):
 
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
 def test_fft_equals_matmul_and_float64(k):
-  for hw in [(16, 16), (16, 12), (9, 7)]:
+  cases = [(hw, "lowpass") for hw in [(16, 16), (16, 12), (9, 7)]]
+  cases.append(((16, 12), "residual_bandpass"))
+  for hw, split in cases:
     z = _random_latent((3, *hw, 5), seed=10 + k)
-    p = B.BandProjector(*hw, num_bands=k)
-    fft = np.asarray(B.split_bands_fft(z, p.masks))
+    p = B.BandProjector(*hw, num_bands=k, band_split=split)
+    fft = np.asarray(B.split_bands_fft(z, p.masks, split))
     mm = np.asarray(B.split_bands_matmul(z, p.operator))
     assert np.max(np.abs(fft - mm)) <= 1e-5
-    ref = _numpy_split(z, B.radial_masks(*hw, num_bands=k))
+    ref = _numpy_split(z, _step_multipliers(*hw, k, split))
     assert np.max(np.abs(mm - ref)) <= 1e-5
+    assert np.max(np.abs(fft - ref)) <= 1e-5
 
 
-def test_operator_real_symmetric_and_sums_to_identity():
-  op64 = B.band_operator(B.radial_masks(16, 12, 4))
+def test_default_split_is_lowpass():
+  assert B.BandProjector(16, 16).band_split == "lowpass"
+  z = _random_latent((2, 16, 16, 3), seed=4)
+  new = np.asarray(B.BandProjector(16, 16, 4).split(z))
+  old = np.asarray(B.BandProjector(16, 16, 4, band_split="residual_bandpass").split(z))
+  # Band 0 is the same low-pass 1 - s_1 in both; the higher bands differ.
+  np.testing.assert_allclose(new[0], old[0], atol=1e-6)
+  assert np.max(np.abs(new[3] - old[3])) > 0.05
+  with pytest.raises(ValueError, match="band_split"):
+    B.BandProjector(16, 16, band_split="bandpass")
+
+
+@pytest.mark.parametrize("split", B.BAND_SPLITS)
+def test_operator_real_symmetric_and_sums_to_identity(split):
+  op64 = B.band_operator(B.radial_masks(16, 12, 4), split)
   assert op64.shape == (4, 192, 192) and op64.dtype == np.float64
   # Even radial multipliers -> even real kernels -> symmetric circulant blocks.
   np.testing.assert_allclose(op64, np.swapaxes(op64, 1, 2), atol=1e-12)
   np.testing.assert_allclose(op64.sum(0), np.eye(192), atol=1e-12)
-  p = B.BandProjector(16, 12, 4)
+  p = B.BandProjector(16, 12, 4, band_split=split)
   assert p.operator.dtype == np.float32 and p.operator.shape == (4, 192, 192)
   np.testing.assert_allclose(p.operator, op64, atol=1e-7)
 
@@ -179,17 +211,67 @@ def test_band_energy_smooth_image(photo_batch):
   assert frac[0] > 0.999, frac
 
 
-def test_iterative_split_leaks_edge_transitions_into_last_band():
-  # Pins a property of the DESIGN.md split as specified: applying M_k to the residual r_k gives
-  # G_k = M_k prod_{j<k}(1 - M_j), so at every edge e_k (M_{k-1} = M_k = 1/2 there) a quarter of
-  # the amplitude is taken by no intermediate band and ends up in the last band.
-  g = B.band_multipliers(B.radial_masks(1, 4001, 4, tau=0.02))[:, 0, :2001]
+def test_residual_bandpass_split_leaks_edge_transitions_into_last_band():
+  # Pins the old, literal reading (band_split="residual_bandpass"): applying M_k to the residual
+  # r_k gives G_k = M_k prod_{j<k}(1 - M_j), so at every edge e_k (M_{k-1} = M_k = 1/2 there) a
+  # quarter of the amplitude is taken by no intermediate band and ends up in the last band.
+  g = B.band_multipliers(B.radial_masks(1, 4001, 4, tau=0.02), "residual_bandpass")[:, 0, :2001]
   rho = np.abs(np.fft.fftfreq(4001)[:2001]) / 0.5
   for e in B.BandProjector(16, 16, 4).edges[:2]:
     i = np.argmin(np.abs(rho - e))
     np.testing.assert_allclose(g[-1, i], 0.25, atol=0.01)
   np.testing.assert_allclose(g.sum(0), 1.0, atol=1e-12)
   np.testing.assert_allclose(g[0], B.radial_masks(1, 4001, 4)[0, 0, :2001], atol=1e-12)
+
+
+def _outside_fraction(mult, rho, num_bands, tau=0.02):
+  """Per band: fraction of sum_f G_k(f)^2 at radii outside [e_k - 4 tau, e_{k+1} + 4 tau]."""
+  bounds = [0.0] + [k * np.sqrt(2) / num_bands for k in range(1, num_bands)] + [np.sqrt(2)]
+  out = []
+  for k in range(num_bands):
+    inside = (rho >= bounds[k] - 4 * tau) & (rho <= bounds[k + 1] + 4 * tau)
+    g2 = np.square(mult[k])
+    out.append(g2[~inside].sum() / g2.sum())
+  return np.array(out)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_lowpass_bands_are_disjoint_annuli(k):
+  # Fine 512 x 512 grid (the continuous multipliers) and the 16 x 16 DINOv2-B latent grid.
+  for n in (512, 16):
+    rho, _, s = _steps(n, n, k)
+    new = B.band_multipliers(B.radial_masks(n, n, k))
+    assert np.all(_outside_fraction(new, rho, k) < 1e-3), _outside_fraction(new, rho, k)
+    # Closed form: G_k = (1 - s_{k+1}) prod_{j<=k} s_j, with s_0 = 1 and s_K = 0.
+    full = [np.ones_like(rho)] + s + [np.zeros_like(rho)]
+    ref = [(1 - full[j + 1]) * np.prod(full[1:j + 1], axis=0) for j in range(k)]
+    np.testing.assert_allclose(new, np.stack(ref), atol=1e-12)
+    old = B.band_multipliers(B.radial_masks(n, n, k), "residual_bandpass")
+    if k == 2:
+      # One step only: both splits apply 1 - s_1 to z.
+      np.testing.assert_allclose(old, new, atol=1e-15)
+    else:
+      # The same bound fails for the old split: its last band collects every edge transition.
+      assert _outside_fraction(old, rho, k)[-1] > 1e-2
+  # At the default K = 4 each band's multiplier is its nominal mask M_k to 1e-7.
+  np.testing.assert_allclose(B.band_multipliers(B.radial_masks(512, 512, 4)),
+                             B.radial_masks(512, 512, 4), atol=1e-7)
+
+
+def test_photo_latent_last_band_share_drops(photo_batch):
+  # Real photos patchified to a (4, 16, 16, 768) grid, per-image channel mean removed. Share of the
+  # energy partition sum_f G_k |Z_f|^2 in the last band (bench/band_energy.py measures more).
+  z = _photo_latent(photo_batch).astype(np.float64)
+  z = z - z.mean(axis=(1, 2), keepdims=True)
+  spec = np.sum(np.abs(np.fft.fft2(z, axes=(1, 2))) ** 2, axis=(0, 3))
+  for k, ratio in ((4, 0.7), (8, 0.2)):
+    share = {split: np.sum(B.BandProjector(16, 16, k, band_split=split).multipliers[-1] * spec)
+             / spec.sum() for split in B.BAND_SPLITS}
+    assert share["lowpass"] < ratio * share["residual_bandpass"], (k, share)
+    new = _band_energy_fractions(B.BandProjector(16, 16, k).split(z.astype(np.float32)))
+    old = _band_energy_fractions(
+        B.BandProjector(16, 16, k, band_split="residual_bandpass").split(z.astype(np.float32)))
+    assert new[-1] < old[-1], (k, new, old)
 
 
 def test_band_energy_white_noise():
@@ -249,12 +331,20 @@ def test_noise_is_band_limited_and_scaled():
   # Summed over bands the noise is sigma_b * eps_b with sigma_b = 0.8 u_b <= 0.8.
   std = diff.sum(0).std(axis=(1, 2, 3))
   assert np.all(std < 0.8 * 1.1) and std.max() > 0.3
-  # The top band's noise has (almost) no energy well inside band 0 (5 tau below its edge; see the
-  # leakage test above for why not right up to the edge).
-  spec = np.abs(np.fft.fft2(diff[3], axes=(1, 2))) ** 2
-  fy, fx = np.meshgrid(np.fft.fftfreq(16), np.fft.fftfreq(16), indexing="ij")
-  low = np.hypot(fy, fx) / 0.5 < p.edges[0] - 0.1
-  assert low.sum() >= 13 and spec[:, low].sum() / spec.sum() < 1e-4
+  # Each band's noise stays in its annulus (within 4 tau of its edges); the old residual band-pass
+  # split fails this for the last band, whose noise then reaches down to band 0's edge.
+  rho = _steps(16, 16, 4)[0]
+  old = B.BandProjector(16, 16, 4, band_split="residual_bandpass")
+  diff_old = np.asarray(B.inject_band_noise(old.split(bands.sum(0)), jax.random.key(2), old,
+                                            k_base=0)) - np.asarray(old.split(bands.sum(0)))
+  for d, bound in ((diff, 1e-3), (diff_old, None)):
+    # RMS amplitude spectrum per band over samples and channels: (K, H, W).
+    amp = np.sqrt(np.mean(np.abs(np.fft.fft2(d, axes=(2, 3))) ** 2, axis=(1, 4)))
+    frac = _outside_fraction(amp, rho, 4)
+    if bound:
+      assert np.all(frac < bound), frac
+    else:
+      assert frac[-1] > 1e-2, frac
   # Independent per-band Bernoulli masks: with p_band=0.5 some (band, sample) pairs are clean.
   diff = np.asarray(B.inject_band_noise(bands, jax.random.key(3), p, p_band=0.5)) - bands
   clean = np.all(diff[1:] == 0, axis=(2, 3, 4))

@@ -1,14 +1,16 @@
 """Frequency bands of a latent grid: radial FFT band projector and the official DCT low-pass.
 
-Two families live here:
+Two families live here (the method is described in docs/method.md):
 
-* Paper recipe: K smooth radial Fourier masks and the iterative residual split
-  `r_0 = z; b_k = P_k(r_k); r_{k+1} = r_k - b_k; b_{K-1} = r_{K-1}` (DESIGN.md "Band projector"),
-  with a literal `jnp.fft` reference (`split_bands_fft`) and a matmul fast path
-  (`split_bands_matmul`) that applies the same fixed real operator as one einsum, plus band-limited
-  noise injection (`inject_band_noise`).
-* Official-code recipe: orthonormal DCT-II over the token grid and a hard zig-zag prefix low-pass
-  (`dct_lowpass`, `official_band_mask`), reference/uae_reference.md §1.5.
+* Paper recipe (docs/method.md#band-split): K smooth radial Fourier masks and the iterative split
+  `r_0 = z; b_k = P_k(r_k); r_{k+1} = r_k - b_k; b_{K-1} = r_{K-1}`. By default (`band_split=
+  "lowpass"`) each P_k is the low-pass at band k's upper edge, so every band holds its own annulus;
+  `"residual_bandpass"` applies the band-pass mask M_k to the residual instead (the literal reading,
+  which leaks every edge transition into the last band). There is a literal `jnp.fft` reference
+  (`split_bands_fft`) and a matmul fast path (`split_bands_matmul`) that applies the same fixed real
+  operator as one einsum, plus band-limited noise injection (`inject_band_noise`).
+* Official-code recipe (docs/method.md#official-frequency-module): orthonormal DCT-II over the
+  token grid and a hard zig-zag prefix low-pass (`dct_lowpass`, `official_band_mask`).
 
 Latents are channels-last `z: (B, H, W, C)`; bands are stacked on a new leading axis
 `(K, B, H, W, C)`. All constants (masks, operators, DCT matrices) are numpy arrays built once in
@@ -74,22 +76,50 @@ def radial_masks(height: int, width: int, num_bands: int = 4,
   return np.stack([bounds[k] - bounds[k + 1] for k in range(num_bands)]).astype(np.float64)
 
 
-def band_multipliers(masks: np.ndarray) -> np.ndarray:
-  """Returns the effective Fourier multipliers G_k (K, H, W) of the iterative split, float64."""
-  masks = np.asarray(masks, np.float64)
-  num_bands = masks.shape[0]
+BAND_SPLITS = ("lowpass", "residual_bandpass")
+
+
+def _check_band_split(band_split):
+  """Raises ValueError unless band_split names one of BAND_SPLITS."""
+  if band_split not in BAND_SPLITS:
+    raise ValueError(f"band_split must be one of {BAND_SPLITS}, got {band_split!r}")
+
+
+def step_masks(masks, band_split: str = "lowpass"):
+  """Returns the multipliers A_k (K, H, W) that step k of the split applies to the residual r_k.
+
+  `masks` are the radial masks M_k of `radial_masks` (numpy or jax). "lowpass": A_k = L_k =
+  M_0 + ... + M_k = 1 - s_{k+1}, the low-pass at band k's upper edge. "residual_bandpass":
+  A_k = M_k. The last entry is never applied (the last band is the remaining residual).
+  """
+  _check_band_split(band_split)
+  if band_split == "residual_bandpass":
+    return masks
+  xp = np if isinstance(masks, np.ndarray) else jnp
+  return xp.cumsum(masks, axis=0)
+
+
+def band_multipliers(masks: np.ndarray, band_split: str = "lowpass") -> np.ndarray:
+  """Returns the effective Fourier multipliers G_k (K, H, W) of the iterative split, float64.
+
+  G_k = A_k * prod_{j<k}(1 - A_j) and G_{K-1} = prod_{j<K-1}(1 - A_j); they sum to 1. For
+  "lowpass", G_k = (1 - s_{k+1}) * prod_{j<=k} s_j, which equals M_k up to the product of two
+  neighbouring sigmoid tails; for "residual_bandpass", G_k = M_k * prod_{j<k}(1 - M_j).
+  """
+  steps = step_masks(np.asarray(masks, np.float64), band_split)
+  num_bands = steps.shape[0]
   out = []
-  remaining = np.ones_like(masks[0])  # prod_{j<k} (1 - M_j): what r_k keeps of z.
+  remaining = np.ones_like(steps[0])  # prod_{j<k} (1 - A_j): what r_k keeps of z.
   for k in range(num_bands - 1):
-    out.append(masks[k] * remaining)
-    remaining = remaining * (1.0 - masks[k])
+    out.append(steps[k] * remaining)
+    remaining = remaining * (1.0 - steps[k])
   out.append(remaining)
   return np.stack(out)
 
 
-def band_operator(masks: np.ndarray) -> np.ndarray:
+def band_operator(masks: np.ndarray, band_split: str = "lowpass") -> np.ndarray:
   """Returns the real split operator (K, H*W, H*W), float64: b_k[q] = sum_p op[k, q, p] z[p]."""
-  mult = band_multipliers(masks)
+  mult = band_multipliers(masks, band_split)
   num_bands, height, width = mult.shape
   # All P_k are Fourier-diagonal, so the composed band operator is the circular convolution with
   # kernel g_k = ifft2(G_k). The radial multipliers are even in frequency (rho depends on fy^2 and
@@ -107,15 +137,15 @@ def band_operator(masks: np.ndarray) -> np.ndarray:
   return kernels[:, dy, dx]
 
 
-def split_bands_fft(z: jax.Array, masks) -> jax.Array:
+def split_bands_fft(z: jax.Array, masks, band_split: str = "lowpass") -> jax.Array:
   """Reference split: literal FFT iteration over the H, W axes; (B,H,W,C) -> (K,B,H,W,C)."""
   z = jnp.asarray(z, jnp.float32)
-  masks = jnp.asarray(masks, jnp.float32)
+  steps = step_masks(jnp.asarray(masks, jnp.float32), band_split)
   residual = z
   bands = []
-  for k in range(masks.shape[0] - 1):
+  for k in range(steps.shape[0] - 1):
     spec = jnp.fft.fft2(residual, axes=(1, 2))
-    band = jnp.real(jnp.fft.ifft2(masks[k][None, :, :, None] * spec, axes=(1, 2)))
+    band = jnp.real(jnp.fft.ifft2(steps[k][None, :, :, None] * spec, axes=(1, 2)))
     bands.append(band)
     residual = residual - band
   bands.append(residual)
@@ -139,7 +169,11 @@ def split_bands_matmul(z: jax.Array, operator) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class BandProjector:
-  """Fixed K-band radial split of an H x W grid (hashable; usable as a static jit argument)."""
+  """Fixed K-band radial split of an H x W grid (hashable; usable as a static jit argument).
+
+  `band_split` chooses the projector of each split step: "lowpass" (default, disjoint annuli) or
+  "residual_bandpass" (the literal reading); see docs/method.md#band-split.
+  """
 
   height: int
   width: int
@@ -147,27 +181,36 @@ class BandProjector:
   edges: tuple[float, ...] | None = None
   tau: float = 0.02
   method: str = "matmul"
+  band_split: str = "lowpass"
 
   def __post_init__(self):
     """Validates the arguments and freezes the edges into a tuple."""
     if self.method not in ("matmul", "fft"):
       raise ValueError(f"method must be 'matmul' or 'fft', got {self.method!r}")
+    _check_band_split(self.band_split)
     if self.height < 1 or self.width < 1:
       raise ValueError(f"grid must be at least 1x1, got {self.height}x{self.width}")
     edges = _validate_band_args(self.num_bands, self.edges, self.tau)
     object.__setattr__(self, "edges", edges)
 
+  def _masks64(self) -> np.ndarray:
+    """Radial masks M_k in float64."""
+    return radial_masks(self.height, self.width, self.num_bands, self.edges, self.tau)
+
   @functools.cached_property
   def masks(self) -> np.ndarray:
-    """Radial masks M_k, (K, H, W) float32."""
-    return radial_masks(self.height, self.width, self.num_bands, self.edges,
-                        self.tau).astype(np.float32)
+    """Radial masks M_k (the nominal annuli), (K, H, W) float32."""
+    return self._masks64().astype(np.float32)
+
+  @functools.cached_property
+  def multipliers(self) -> np.ndarray:
+    """Effective Fourier multipliers G_k of this split, (K, H, W) float64; they sum to 1."""
+    return band_multipliers(self._masks64(), self.band_split)
 
   @functools.cached_property
   def operator(self) -> np.ndarray:
     """Real split operator (K, H*W, H*W) float32, built in float64 then rounded."""
-    masks = radial_masks(self.height, self.width, self.num_bands, self.edges, self.tau)
-    return band_operator(masks).astype(np.float32)
+    return band_operator(self._masks64(), self.band_split).astype(np.float32)
 
   def split(self, z: jax.Array, first_band: int = 0) -> jax.Array:
     """Splits z (B,H,W,C) into bands (K - first_band, B,H,W,C), float32."""
@@ -177,7 +220,7 @@ class BandProjector:
     if not 0 <= first_band <= self.num_bands:
       raise ValueError(f"first_band must be in [0, {self.num_bands}], got {first_band}")
     if self.method == "fft":
-      return split_bands_fft(z, self.masks)[first_band:]
+      return split_bands_fft(z, self.masks, self.band_split)[first_band:]
     # Only the requested bands' rows of the operator are applied (e.g. noise for high bands).
     return split_bands_matmul(z, self.operator[first_band:])
 
@@ -290,7 +333,8 @@ def official_keep_counts(rng: jax.Array, batch_size: int, train: bool, count: in
   if count_min > count_max:
     raise ValueError(f"count_min {count_min} > count_max {count_max}")
   if not train:
-    # Eval mode: no coin, deterministic keep = count (reference §1.5 and §7 bug 2).
+    # Eval mode: no coin, deterministic keep = count; the official code does this in every eval-mode
+    # forward (docs/method.md#official-code-quirks-reproduced).
     return jnp.asarray(True), jnp.full((batch_size,), count, jnp.int32)
   key_coin, key_keep = jax.random.split(rng)
   # One coin per batch: the official code skips the mask iff rand(()) >= apply_prob.
