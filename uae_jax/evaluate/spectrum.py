@@ -1,6 +1,7 @@
 """The Prism Hypothesis analysis: frequency content of encoder features, low-pass robustness.
 
-Follows the official analysis in reference/uae_reference.md §5.1-5.2.
+Follows the official UAE code's preliminary analysis (`prelim_analysis/energy_exp.py` and
+`retrival_exp.py`; docs/method.md#spectral-analysis).
 
 For each encoder (raw `pixels`; the real ImageNet `vgg16` of LPIPS at each of its five taps
 relu1_2 .. relu5_3; `dinov2` patch tokens when weights are given) and each image:

@@ -1,7 +1,7 @@
 """Differentiable augmentation (DiffAug) applied to the discriminator's inputs.
 
 Port of the StyleGAN-T `DiffAug.aug` used by the official UAE/RAE code (`src/disc/diffaug.py`,
-`prob=1.0`, `cutout=0.0`; `reference/uae_reference.md` §2.4), for NHWC images in [-1, 1].
+`prob=1.0`, `cutout=0.0`; docs/method.md#gan), for NHWC images in [-1, 1].
 The reference applies, in this order (checked against its source):
 
   1. translation by integer shifts t_h, t_w in [-round(r*H), round(r*H)] (r = 0.125), reading

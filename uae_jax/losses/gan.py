@@ -1,7 +1,7 @@
 """GAN losses, the VQGAN adaptive weight and the stage-3 GAN schedule.
 
 As in the official UAE/RAE code (`src/disc/gan_loss.py`, `src/train_stage1.py`;
-`reference/uae_reference.md` §2.4-2.5):
+docs/method.md#gan):
 
   D loss  = hinge_d_loss(D(aug(real)), D(aug(quantize_fake(x_hat_eval))))   (D in train mode)
   G term  = disc_weight * lambda * generator_loss(D(aug(x_hat)))            (D in eval mode)

@@ -1,4 +1,4 @@
-"""Pixel reconstruction loss: L1 + w_lpips * LPIPS (DESIGN.md "Paper recipe: losses").
+"""Pixel reconstruction loss: L1 + w_lpips * LPIPS (docs/method.md#losses).
 
 Images are NHWC float32 in [0, 1]. LPIPS is the frozen VGG16 LPIPS v0.1 of
 `uae_jax.models.lpips`, fed with images mapped to [-1, 1] as in the official code

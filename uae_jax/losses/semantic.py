@@ -2,7 +2,7 @@
 
 * `band_semantic_mse`: paper recipe, MSE on the lowest K_base radial bands.
 * `zigzag_lowfreq_mse`: official-code recipe, MSE on the first K zig-zag DCT-II coefficients
-  (reference/uae_reference.md §2.3).
+  (docs/method.md#official-losses).
 """
 from __future__ import annotations
 
