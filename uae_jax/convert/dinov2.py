@@ -9,9 +9,10 @@ Layout detection (by key names, after stripping a common prefix found from the p
   fair  FAIR torch hub: `blocks.{i}.attn.qkv`, `register_tokens`, `mask_token`.
 Architecture from shapes: width = cls_token's last dim, depth = number of blocks, MLP width from
 `fc1` (SwiGLU when the first MLP matrix is twice the second's input), registers, the position
-grid (square), patch size. Heads are not in the weights: they come from the matching
-`DinoV2` size (dim / 64 for S/B/L/g; the test-only 'tiny' size has 4) and are checked against
-`config.json` when one sits beside the weights.
+grid (square), patch size. Any such shape converts: a named `DinoV2` size when one matches,
+otherwise size='custom' with the explicit dims. Heads are not in the weights: an explicit
+`num_heads`, else `config.json` beside the weights, else the matching named size, else dim // 64
+(see convert/arch.py). `info['inferred']` (saved in arch.json's `source`) records all of it.
 
 Position-embedding interpolation convention written into the architecture, per source:
   HF Dinov2Model (no registers)          'torch_bicubic'          (size=, no antialias)
@@ -34,6 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from uae_jax.convert import arch as arch_lib
 from uae_jax.convert import flax_io
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
@@ -168,20 +170,18 @@ def infer_source(sd: Mapping[str, np.ndarray], layout: str, prefix: str) -> Dino
                       int(w.shape[-1]), final in sd, pos_cls_row)
 
 
-def match_size(dim: int, depth: int, mlp_hidden: int, swiglu: bool,
-               heads: Optional[int] = None) -> str:
-  """The `DinoV2` size name with these numbers, or a ConversionError listing the known sizes."""
+def shape_dims(src: DinoV2Source) -> Dict[str, Any]:
+  """The DinoV2 module fields the weights determine (everything but the heads)."""
+  return {"dim": src.dim, "depth": src.depth, "mlp_hidden": src.mlp_hidden, "swiglu": src.swiglu}
+
+
+def resolve_arch(src: DinoV2Source, *, size: Optional[str] = None, num_heads: Optional[int] = None,
+                 config_heads: Optional[int] = None, context: str = ""
+                 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """(DinoV2 size kwargs, inferred-architecture record) of a state dict; see convert/arch.py."""
   from uae_jax.models.dinov2 import SIZES
-  for name, s in SIZES.items():
-    if (s.dim, s.depth, s.mlp_hidden, s.swiglu) == (dim, depth, mlp_hidden, swiglu):
-      if heads is not None and heads != s.heads:
-        raise ConversionError(f"DinoV2 size {name!r} has {s.heads} heads, but the source config "
-                              f"says num_attention_heads={heads}")
-      return name
-  known = ", ".join(f"{n}: dim {s.dim} depth {s.depth} mlp {s.mlp_hidden}"
-                    + (" swiglu" if s.swiglu else "") for n, s in SIZES.items())
-  raise ConversionError(f"no DinoV2 size has dim {dim}, depth {depth}, MLP {mlp_hidden}"
-                        f"{' (SwiGLU)' if swiglu else ''}; known sizes: {known}")
+  return arch_lib.resolve(SIZES, shape_dims(src), "DINOv2", requested=size, num_heads=num_heads,
+                          config_heads=config_heads, context=context)
 
 
 def model_param_shapes(model_cls, kwargs: Mapping[str, Any], input_shape) -> Dict[tuple, tuple]:
@@ -200,14 +200,20 @@ def dinov2_param_shapes(arch: Mapping[str, Any]) -> Dict[tuple, tuple]:
   return model_param_shapes(DinoV2, arch, (1, s, s, 3))
 
 
-def _check_hf_config(config: Optional[Mapping], src: DinoV2Source, size: str) -> Dict[str, Any]:
-  """Cross-check an HF config.json; returns extra DinoV2 kwargs it implies (ln_eps)."""
+def _hf_config(config: Optional[Mapping]) -> Optional[Mapping]:
+  """The config.json of an HF DINOv2 model, or None for anything else."""
   if not config or config.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+    return None
+  return config
+
+
+def _check_hf_config(config: Optional[Mapping], src: DinoV2Source, heads: int) -> Dict[str, Any]:
+  """Cross-check an HF config.json; returns extra DinoV2 kwargs it implies (ln_eps)."""
+  if _hf_config(config) is None:
     return {}
-  from uae_jax.models.dinov2 import SIZES
   problems = []
   want = {"hidden_size": src.dim, "num_hidden_layers": src.depth,
-          "num_attention_heads": SIZES[size].heads, "patch_size": src.patch_size}
+          "num_attention_heads": heads, "patch_size": src.patch_size}
   if src.registers or config.get("model_type") == "dinov2_with_registers":
     want["num_register_tokens"] = src.registers
   for k, v in want.items():
@@ -226,26 +232,25 @@ def _check_hf_config(config: Optional[Mapping], src: DinoV2Source, size: str) ->
 def convert_dinov2(sd: Mapping[str, np.ndarray], *, variant: str = "auto",
                    input_size: Optional[int] = 224, size: Optional[str] = None,
                    drop_final_norm: bool = False, config: Optional[Mapping] = None,
-                   context: str = "") -> Tuple[dict, Dict[str, Any], Dict[str, Any]]:
+                   num_heads: Optional[int] = None, context: str = ""
+                   ) -> Tuple[dict, Dict[str, Any], Dict[str, Any]]:
   """PyTorch DINOv2 state dict -> (params, DinoV2 kwargs, info).
 
-  size: expected `DinoV2` size; a file of another architecture is refused.
-  drop_final_norm: consume and discard the final LayerNorm's weight/bias (UAE uses a
-  parameter-free final LayerNorm); otherwise they become our `norm` and `final_norm_affine=True`.
+  The architecture comes from the shapes (and the heads as convert/arch.py says); a shape that
+  is no named size gives size='custom' with explicit dims. size: expected `DinoV2` size; a file
+  of another architecture is refused. num_heads: the number of attention heads, when neither
+  config.json nor the width tells it. drop_final_norm: consume and discard the final
+  LayerNorm's weight/bias (UAE uses a parameter-free final LayerNorm); otherwise they become our
+  `norm` and `final_norm_affine=True`.
   """
   layout, prefix = detect_layout(sd, variant)
   src = infer_source(sd, layout, prefix)
-  found = match_size(src.dim, src.depth, src.mlp_hidden, src.swiglu)
-  if size is not None and size != found:
-    from uae_jax.models.dinov2 import SIZES
-    s = SIZES.get(size)
-    want = f"dim {s.dim}, depth {s.depth}, MLP {s.mlp_hidden}" if s else "unknown size"
-    raise ConversionError(
-        f"architecture mismatch{' in ' + context if context else ''}: the file holds DINOv2 size "
-        f"{found!r} (dim {src.dim}, depth {src.depth}, MLP {src.mlp_hidden}), but size {size!r} "
-        f"({want}) was requested")
-  extra = _check_hf_config(config, src, found) if layout in ("hf4", "hf5") else {}
-  arch = {"size": found, "patch_size": src.patch_size, "num_registers": src.registers,
+  hf_config = _hf_config(config) if layout in ("hf4", "hf5") else None
+  size_kw, inferred = resolve_arch(
+      src, size=size, num_heads=num_heads,
+      config_heads=hf_config.get("num_attention_heads") if hf_config else None, context=context)
+  extra = _check_hf_config(hf_config, src, inferred["num_heads"])
+  arch = {**size_kw, "patch_size": src.patch_size, "num_registers": src.registers,
           "input_size": input_size, "pos_embed_grid": src.grid,
           "pos_embed_convention": pos_embed_convention(layout, src.registers),
           "final_norm_affine": bool(src.final_norm and not drop_final_norm), "ln_eps": 1e-6}
@@ -262,7 +267,7 @@ def convert_dinov2(sd: Mapping[str, np.ndarray], *, variant: str = "auto",
   expected = dinov2_param_shapes(arch)
   params = tables.to_flax(table, sd, expected=expected,
                           context=context or f"converting DINOv2 ({layout} layout)")
-  info = {"layout": layout, "prefix": prefix, "dropped_keys": dropped,
+  info = {"layout": layout, "prefix": prefix, "dropped_keys": dropped, "inferred": inferred,
           "source_dtypes": sorted({str(v.dtype) for v in sd.values()})}
   return params, arch, info
 
@@ -298,8 +303,8 @@ def export_dinov2(params: Mapping, *, layout: str = "hf4", prefix: str = "",
 
 
 def load_dinov2(path_or_dir: str, *, variant: str = "auto", input_size: Optional[int] = None,
-                size: Optional[str] = None, drop_final_norm: bool = False
-                ) -> Tuple[dict, Dict[str, Any]]:
+                size: Optional[str] = None, drop_final_norm: bool = False,
+                num_heads: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
   """(params, DinoV2 kwargs) from a converted directory (params.msgpack + arch.json), a PyTorch /
   safetensors file, or an HF model directory. `DinoV2(**kwargs).apply({'params': params}, x)`.
 
@@ -311,7 +316,7 @@ def load_dinov2(path_or_dir: str, *, variant: str = "auto", input_size: Optional
     if arch.get("model_class") != MODEL_CLASS:
       raise ConversionError(f"{path_or_dir}: holds {arch.get('model_class')!r}, not {MODEL_CLASS}")
     kwargs = dict(arch["kwargs"])
-    if size is not None and kwargs["size"] != size:
+    if size not in (None, arch_lib.CUSTOM) and kwargs["size"] != size:
       raise ConversionError(f"architecture mismatch: {path_or_dir} holds DINOv2 size "
                             f"{kwargs['size']!r}, but size {size!r} was requested")
     if drop_final_norm and "norm" in params:
@@ -323,18 +328,19 @@ def load_dinov2(path_or_dir: str, *, variant: str = "auto", input_size: Optional
   sd, config = torch_io.read_state_dict(path_or_dir)
   params, arch, _ = convert_dinov2(
       sd, variant=variant, input_size=224 if input_size is None else input_size, size=size,
-      drop_final_norm=drop_final_norm, config=config, context=f"converting {path_or_dir}")
+      drop_final_norm=drop_final_norm, config=config, num_heads=num_heads,
+      context=f"converting {path_or_dir}")
   return params, arch
 
 
 def convert_dinov2_file(src: str, out_dir: str, *, variant: str = "auto", input_size: int = 224,
-                        size: Optional[str] = None, drop_final_norm: bool = False
-                        ) -> Tuple[dict, Dict[str, Any]]:
+                        size: Optional[str] = None, drop_final_norm: bool = False,
+                        num_heads: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
   """Convert `src` and write `out_dir/{params.msgpack, arch.json}`; returns (params, kwargs)."""
   sd, config = torch_io.read_state_dict(src)
   params, arch, info = convert_dinov2(sd, variant=variant, input_size=input_size, size=size,
                                       drop_final_norm=drop_final_norm, config=config,
-                                      context=f"converting {src}")
+                                      num_heads=num_heads, context=f"converting {src}")
   source = {"file": os.path.abspath(src), **info}
   if os.path.isfile(src):
     source["sha256"] = torch_io.sha256(src)

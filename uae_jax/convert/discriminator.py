@@ -68,6 +68,16 @@ def disc_param_shapes(arch: Mapping[str, int]) -> Dict[tuple, tuple]:
   return out
 
 
+def _check_expected(arch: Mapping[str, Any], expect: Mapping[str, Any], context: str) -> None:
+  """Refuses an architecture other than `expect` (heads are not in the weights: not compared)."""
+  diff = {k: (arch.get(k), v) for k, v in expect.items() if k != "num_heads" and arch.get(k) != v}
+  if diff:
+    want = "a DINO ViT-S/8" if dict(expect) == DINO_S8 else f"the expected backbone {dict(expect)}"
+    raise ConversionError(
+        f"architecture mismatch{' in ' + context if context else ''}: the file is not {want} ("
+        + ", ".join(f"{k} {got}, expected {w}" for k, (got, w) in diff.items()) + ")")
+
+
 def convert_dino_disc(sd: Mapping[str, np.ndarray], *, expect: Optional[Mapping[str, int]] = DINO_S8,
                       zero_key_bias: bool = False, context: str = ""
                       ) -> Tuple[dict, Dict[str, int]]:
@@ -75,11 +85,7 @@ def convert_dino_disc(sd: Mapping[str, np.ndarray], *, expect: Optional[Mapping[
   other architectures; pass None to accept any (e.g. tiny random test models; heads = dim / 64)."""
   arch = infer_arch(sd)
   if expect is not None:
-    diff = {k: (arch[k], v) for k, v in expect.items() if k != "num_heads" and arch.get(k) != v}
-    if diff:
-      raise ConversionError(
-          "architecture mismatch: the file is not a DINO ViT-S/8 (" + ", ".join(
-              f"{k} {got}, expected {want}" for k, (got, want) in diff.items()) + ")")
+    _check_expected(arch, expect, context)
     arch["num_heads"] = expect["num_heads"]
   table = tables.dino_disc_table(depth=arch["depth"])
   params = tables.to_flax(table, sd, expected=disc_param_shapes(arch),
@@ -106,6 +112,12 @@ def load_dino_disc(path_or_dir: str, *, expect: Optional[Mapping[str, int]] = DI
     params, arch = flax_io.load_params(path_or_dir)
     if arch.get("model_class") != MODEL_CLASS:
       raise ConversionError(f"{path_or_dir}: holds {arch.get('model_class')!r}, not {MODEL_CLASS}")
+    if expect is not None:
+      _check_expected(arch["kwargs"], expect, f"loading {path_or_dir}")
+      if arch["kwargs"].get("num_heads") != expect["num_heads"]:
+        raise ConversionError(f"architecture mismatch in loading {path_or_dir}: converted with "
+                              f"{arch['kwargs'].get('num_heads')} heads, expected "
+                              f"{expect['num_heads']}")
     return params, arch["kwargs"]
   sd, _ = torch_io.read_state_dict(path_or_dir)
   return convert_dino_disc(sd, expect=expect, zero_key_bias=zero_key_bias,

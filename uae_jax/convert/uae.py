@@ -35,6 +35,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from uae_jax.convert import arch as arch_lib
 from uae_jax.convert import dinov2 as dinov2_convert
 from uae_jax.convert import flax_io
 from uae_jax.convert import tables
@@ -79,7 +80,8 @@ def _shape(sd, key, problems) -> Optional[Tuple[int, ...]]:
   return tuple(np.shape(sd[key]))
 
 
-def _decoder_arch(sd: Mapping[str, Any], prefix: str) -> Tuple[Dict[str, Any], int, int, int]:
+def _decoder_arch(sd: Mapping[str, Any], prefix: str, num_heads: Optional[int] = None
+                  ) -> Tuple[Dict[str, Any], int, int, int]:
   """(PixelDecoder kwargs, latent channels C, latent grid g, depth) from decoder shapes."""
   from uae_jax.models import decoder as decoder_lib
   problems = []
@@ -97,13 +99,10 @@ def _decoder_arch(sd: Mapping[str, Any], prefix: str) -> Tuple[Dict[str, Any], i
   patch = int(round((pred[0] / 3) ** 0.5))
   if 3 * patch * patch != pred[0]:
     raise ConversionError(f"{prefix}decoder_pred.weight has {pred[0]} outputs: not 3 * p * p")
-  for name, s in decoder_lib.SIZES.items():
-    if (s.dim, s.depth, s.mlp_hidden) == (dim, depth, mlp[0]):
-      return {"size": name, "patch_size": patch}, channels, grid, depth
-  known = ", ".join(f"{n}: dim {s.dim} depth {s.depth} mlp {s.mlp_hidden}"
-                    for n, s in decoder_lib.SIZES.items())
-  raise ConversionError(f"no PixelDecoder size has dim {dim}, depth {depth}, MLP {mlp[0]}; known "
-                        f"sizes: {known}")
+  size_kw, _ = arch_lib.resolve(decoder_lib.SIZES, {"dim": dim, "depth": depth,
+                                                    "mlp_hidden": mlp[0]}, "PixelDecoder",
+                                num_heads=num_heads, context="official UAE decoder")
+  return {**size_kw, "patch_size": patch}, channels, grid, depth
 
 
 def decoder_sincos(dim: int, grid: int) -> np.ndarray:
@@ -117,8 +116,14 @@ def _prefixed(shapes: Mapping[tuple, tuple], prefix: str) -> Dict[tuple, tuple]:
 
 
 def uae_from_state_dict(sd: Mapping[str, np.ndarray], *, encoder_input_size: int = 224,
+                        encoder_num_heads: Optional[int] = None,
+                        decoder_num_heads: Optional[int] = None,
                         context: str = "") -> Tuple[dict, Dict[str, Any]]:
-  """Official-layout UAE state dict -> (params {'encoder','decoder'[,'modulator']}, arch)."""
+  """Official-layout UAE state dict -> (params {'encoder','decoder'[,'modulator']}, arch).
+
+  Encoder and decoder sizes are inferred from the shapes (convert/arch.py; the *_num_heads
+  arguments give the heads of non-standard widths).
+  """
   from uae_jax.models.decoder import PixelDecoder
   context = context or "converting an official UAE state dict"
   enc_sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
@@ -128,12 +133,13 @@ def uae_from_state_dict(sd: Mapping[str, np.ndarray], *, encoder_input_size: int
   if prefix != ENCODER_PREFIX:
     raise ConversionError(f"{context}: encoder keys under {prefix!r}, expected {ENCODER_PREFIX!r}")
   src = dinov2_convert.infer_source(enc_sd, layout, prefix)
-  enc_arch = {"size": dinov2_convert.match_size(src.dim, src.depth, src.mlp_hidden, src.swiglu),
-              "patch_size": src.patch_size, "num_registers": src.registers,
+  enc_size, _ = dinov2_convert.resolve_arch(src, num_heads=encoder_num_heads,
+                                            context=f"{context} (encoder)")
+  enc_arch = {**enc_size, "patch_size": src.patch_size, "num_registers": src.registers,
               "input_size": encoder_input_size, "pos_embed_grid": src.grid,
               "pos_embed_convention": dinov2_convert.pos_embed_convention(layout, src.registers),
               "final_norm_affine": False, "ln_eps": 1e-6}
-  dec_arch, channels, grid, depth = _decoder_arch(sd, DECODER_PREFIX)
+  dec_arch, channels, grid, depth = _decoder_arch(sd, DECODER_PREFIX, decoder_num_heads)
   if channels != src.dim:
     raise ConversionError(f"{context}: decoder_embed takes {channels} channels, the encoder gives "
                           f"{src.dim}")
@@ -165,12 +171,14 @@ def uae_from_state_dict(sd: Mapping[str, np.ndarray], *, encoder_input_size: int
   return params, arch
 
 
-def import_official_uae(path: str, which: str = "ema", *, encoder_input_size: int = 224
-                        ) -> Tuple[dict, Dict[str, Any]]:
+def import_official_uae(path: str, which: str = "ema", *, encoder_input_size: int = 224,
+                        encoder_num_heads: Optional[int] = None,
+                        decoder_num_heads: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
   """(params {'encoder','decoder'[,'modulator']}, arch) from an official UAE checkpoint.
 
   `path`: a training checkpoint (.pt, `torch.load(weights_only=True)`), a flat .pt state dict,
-  or a .safetensors file (e.g. written by `export_official_uae`).
+  or a .safetensors file (e.g. written by `export_official_uae`). Params are unrolled
+  (`blocks_{i}`); `load_official` gives them in a config's layout, shape-checked.
   """
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file")
@@ -182,9 +190,10 @@ def import_official_uae(path: str, which: str = "ema", *, encoder_input_size: in
   bad = sorted(k for k, v in sd.items() if not isinstance(v, np.ndarray))
   if bad:
     raise ConversionError(f"{path}: non-tensor entries in the state dict: {bad[:20]}")
-  params, arch = uae_from_state_dict(sd, encoder_input_size=encoder_input_size,
-                                     context=f"converting {path}"
-                                     + (f" [{which}]" if isinstance(obj, Mapping) and which in obj else ""))
+  params, arch = uae_from_state_dict(
+      sd, encoder_input_size=encoder_input_size, encoder_num_heads=encoder_num_heads,
+      decoder_num_heads=decoder_num_heads, context=f"converting {path}"
+      + (f" [{which}]" if isinstance(obj, Mapping) and which in obj else ""))
   arch["source"] = {"file": os.path.abspath(path), "which": which if which in obj else None}
   return params, arch
 
@@ -235,12 +244,83 @@ def export_official_uae(params: Mapping, path: Optional[str], *, key_style: str 
 
 
 def import_official_uae_to_dir(src: str, out_dir: str, which: str = "ema", *,
-                               encoder_input_size: int = 224) -> Tuple[dict, Dict[str, Any]]:
-  params, arch = import_official_uae(src, which, encoder_input_size=encoder_input_size)
+                               encoder_input_size: int = 224, encoder_num_heads=None,
+                               decoder_num_heads=None) -> Tuple[dict, Dict[str, Any]]:
+  """Import `src` and write `out_dir/{params.msgpack, arch.json}`; returns (params, arch)."""
+  params, arch = import_official_uae(src, which, encoder_input_size=encoder_input_size,
+                                     encoder_num_heads=encoder_num_heads,
+                                     decoder_num_heads=decoder_num_heads)
   if os.path.isfile(src):
     arch["source"]["sha256"] = torch_io.sha256(src)
   flax_io.save_params(out_dir, params, arch)
   return params, arch
+
+
+def _custom_heads(component_cfg: Mapping) -> Optional[int]:
+  """The configured heads of a size='custom' component (None for named sizes)."""
+  if component_cfg.get("size") == arch_lib.CUSTOM:
+    return component_cfg.get("num_heads")
+  return None
+
+
+def _check_decoder_arch(found: Mapping, dec_cfg: Mapping, what: str) -> None:
+  """Raises LoadError if the imported decoder is another architecture than `dec_cfg` asks for."""
+  from uae_jax.errors import LoadError
+  from uae_jax.models.decoder import PixelDecoder
+  from uae_jax.models.dinov2 import spec_text
+  have, want = PixelDecoder(**found), PixelDecoder(**dec_cfg)
+  if have.spec != want.spec or have.patch_size != want.patch_size:
+    raise LoadError(f"{what}: the decoder is size {have.size!r} ({spec_text(have.spec)}, patch "
+                    f"{have.patch_size}) but model.decoder asks for size {want.size!r} "
+                    f"({spec_text(want.spec)}, patch {want.patch_size})")
+
+
+def model_abstract_params(model_cfg: Mapping) -> Dict[str, Any]:
+  """Abstract params {'encoder', 'decoder'[, 'modulator']} of the UAE `config.model` describes."""
+  import jax
+  import jax.numpy as jnp
+  from uae_jax.models import encoders
+  from uae_jax.models.decoder import PixelDecoder
+  from uae_jax.models.modulator import SpectralModulator
+  enc_cfg = dict(model_cfg["encoder"])
+  size = enc_cfg.get("input_size") or enc_cfg["pos_embed_grid"] * enc_cfg.get("patch_size", 14)
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  key = jax.random.key(0)
+  z, enc = jax.eval_shape(encoders.build(enc_cfg, name=None).init_with_output, key, images)
+  out = {"encoder": enc["params"]}
+  out["decoder"] = jax.eval_shape(PixelDecoder(**model_cfg["decoder"]).init, key, z)["params"]
+  if model_cfg.get("use_modulator", False):
+    k = int(model_cfg["num_bands"])
+    bands = jax.ShapeDtypeStruct((k,) + z.shape, jnp.float32)
+    out["modulator"] = jax.eval_shape(SpectralModulator(features=z.shape[-1], num_bands=k).init,
+                                      key, bands)["params"]
+  return out
+
+
+def load_official(path: str, model_cfg: Mapping, *, which: str = "ema") -> dict:
+  """Params of an official PyTorch UAE checkpoint for the UAE `model_cfg` (config.model) builds.
+
+  Converts (sizes inferred from the shapes; the heads of size='custom' components from the
+  config), refuses another encoder/decoder architecture than the config's, puts every component
+  in the config's block layout (scan_utils.match_layout) and shape-checks the whole tree against
+  the model's abstract params. Raises LoadError (ConversionError is one) naming `path`.
+  """
+  from uae_jax.errors import LoadError
+  from uae_jax.models import dinov2, scan_utils, tree_check
+  enc_cfg, dec_cfg = dict(model_cfg["encoder"]), dict(model_cfg["decoder"])
+  if enc_cfg.get("kind", "dinov2") != "dinov2":
+    raise LoadError(f"{path}: official UAE checkpoints hold a DINOv2 encoder, but "
+                    f"model.encoder.kind={enc_cfg['kind']!r}")
+  enc_cfg.pop("kind", None)
+  params, arch = import_official_uae(
+      path, which, encoder_input_size=enc_cfg.get("input_size", 224),
+      encoder_num_heads=_custom_heads(enc_cfg), decoder_num_heads=_custom_heads(dec_cfg))
+  dinov2.check_arch(arch["encoder"], enc_cfg, path)
+  _check_decoder_arch(arch["decoder"], dec_cfg, path)
+  params = scan_utils.match_layout(params, model_cfg)
+  tree_check.check_same_shapes(params, model_abstract_params(model_cfg),
+                               f"official UAE checkpoint {path}")
+  return params
 
 
 def export_official_uae_from_dir(src_dir: str, out_path: str, *, key_style: str = "hf4",

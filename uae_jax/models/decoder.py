@@ -4,17 +4,24 @@ Linear C -> D, a zero-initialised trainable CLS token, fixed 2-D sin-cos positio
 (first half of the channels encodes the column index), pre-LN blocks (LayerNorm eps 1e-12, exact
 GELU), final LayerNorm, Linear D -> p*p*3, unpatchify, then x * std + mean: the decoder predicts in
 the encoder's normalised pixel space.
+
+Sizes: a name from SIZES, or size='custom' with explicit dim/depth/num_heads/mlp_hidden (what a
+converted checkpoint of a non-standard decoder records). `weight_init` chooses the Linear init:
+'jax' (LeCun normal kernels, zero biases) or 'torch_default' (PyTorch's nn.Linear default,
+kernel and bias uniform in +-1/sqrt(fan_in)), which the official recipe uses to reproduce the
+official training trajectories. LayerNorms (ones/zeros) and the zero CLS token are the same in both.
 """
 import dataclasses
 from typing import Any, Optional
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from uae_jax.models import layers
-from uae_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD
+from uae_jax.models.dinov2 import IMAGENET_MEAN, IMAGENET_STD, resolve_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +40,7 @@ SIZES = {
     "L": DecoderSize(1024, 24, 16, 4096),
     "XL": DecoderSize(1152, 28, 16, 4096),  # MLP 4096, not 4 x 1152 (official config)
 }
+WEIGHT_INITS = ("jax", "torch_default")
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -53,6 +61,33 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> np.
   return emb.astype(np.float32)
 
 
+def torch_default_linears(params, rng):
+  """Redraws every Dense kernel and bias in `params` uniform in +-1/sqrt(fan_in) (nn.Linear).
+
+  A Dense is a dict holding a 'kernel' whose second-to-last axis is the input (fan_in); stacked
+  (scanned) kernels carry a leading layers axis, which changes nothing. Boxed (logically
+  partitioned) leaves keep their metadata. Everything else is returned unchanged.
+  """
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  unbox = lambda x: x.unbox() if is_box(x) else x
+  rebox = lambda old, new: old.replace_boxed(new) if is_box(old) else new
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0]]
+  dense = [p for p in paths if p[-1].key == "kernel"]
+  out = jax.tree.map(lambda x: x, params, is_leaf=is_box)
+  for i, path in enumerate(dense):
+    node = out
+    for k in path[:-1]:
+      node = node[k.key]
+    kernel = unbox(node["kernel"])
+    bound = 1.0 / np.sqrt(kernel.shape[-2])
+    k_w, k_b = jax.random.split(jax.random.fold_in(rng, i))
+    uniform = lambda key, like: jax.random.uniform(key, like.shape, like.dtype, -bound, bound)
+    node["kernel"] = rebox(node["kernel"], uniform(k_w, kernel))
+    if "bias" in node:
+      node["bias"] = rebox(node["bias"], uniform(k_b, unbox(node["bias"])))
+  return out
+
+
 def unpatchify(tokens, grid_h: int, grid_w: int, patch: int):
   """(B, H*W, p*p*3) -> (B, pH, pW, 3); token (r, c), entry (p, q, ch) lands at (pr+p, pc+q)."""
   return einops.rearrange(tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=grid_h, w=grid_w,
@@ -66,7 +101,12 @@ def patchify(images, patch: int):
 
 class PixelDecoder(nn.Module):
   """ViT decoder from a latent grid to pixels in [0, 1] (unclamped)."""
-  size: str = "XL"
+  size: str = "XL"                 # a SIZES name, or 'custom' with the four fields below
+  dim: Optional[int] = None
+  depth: Optional[int] = None
+  num_heads: Optional[int] = None
+  mlp_hidden: Optional[int] = None
+  weight_init: str = "jax"         # 'jax' | 'torch_default' (see the module docstring)
   patch_size: int = 16
   ln_eps: float = 1e-12
   mean: tuple = IMAGENET_MEAN
@@ -78,9 +118,10 @@ class PixelDecoder(nn.Module):
 
   @property
   def spec(self) -> DecoderSize:
-    if self.size not in SIZES:
-      raise ValueError(f"PixelDecoder size {self.size!r}: expected one of {sorted(SIZES)}")
-    return SIZES[self.size]
+    """Width, depth, heads and MLP of this decoder: the named size's or the explicit ones."""
+    return resolve_spec("PixelDecoder", SIZES, self.size, dict(
+        dim=self.dim, depth=self.depth, heads=self.num_heads, mlp_hidden=self.mlp_hidden),
+        DecoderSize)
 
   @nn.compact
   def __call__(self, z):
@@ -105,4 +146,19 @@ class PixelDecoder(nn.Module):
     x = layers.layer_norm(self.ln_eps, "norm", **kw)(x)
     x = layers.dense(self.patch_size**2 * 3, (layers.EMBED, None), "pred", **kw)(x)
     img = unpatchify(x[:, 1:].astype(jnp.float32), gh, gw, self.patch_size)
+    if self.is_initializing():
+      self._apply_weight_init()
     return img * jnp.asarray(self.std, jnp.float32) + jnp.asarray(self.mean, jnp.float32)
+
+  def _apply_weight_init(self):
+    """At init, replaces the Dense params just created when weight_init='torch_default'."""
+    if self.weight_init not in WEIGHT_INITS:
+      raise ValueError(f"PixelDecoder weight_init={self.weight_init!r}: expected one of "
+                       f"{WEIGHT_INITS}")
+    if self.weight_init == "jax":
+      return
+    # Flax's put_variable merges a dict into the child scope's variables, so the blocks'
+    # (and the scanned stack's) params can be rewritten from here after they were created.
+    redrawn = torch_default_linears(dict(self.variables["params"]), self.make_rng("params"))
+    for name, value in redrawn.items():
+      self.put_variable("params", name, value)

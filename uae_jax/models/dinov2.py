@@ -12,9 +12,11 @@ convention of the reference implementation, so gradients reach the original tabl
 fine-tuned encoder exports back to the PyTorch layout exactly.
 """
 import dataclasses
-from typing import Any, Optional
+import logging
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from uae_jax.models import layers
@@ -42,11 +44,51 @@ SIZES = {
     "L": DinoV2Size(1024, 24, 16, 4096),
     "g": DinoV2Size(1536, 40, 24, 4096, swiglu=True),
 }
+def spec_text(spec) -> str:
+  """'dim 768, depth 12, 12 heads, MLP 3072' for messages."""
+  swiglu = " SwiGLU" if getattr(spec, "swiglu", False) else ""
+  return f"dim {spec.dim}, depth {spec.depth}, {spec.heads} heads, MLP {spec.mlp_hidden}{swiglu}"
+
+
+CUSTOM = "custom"  # size name whose dims come from explicit module fields (e.g. a converted file)
+
+
+def resolve_spec(owner: str, sizes: Mapping, size: str, explicit: Mapping, spec_cls):
+  """The named size's spec, or `spec_cls(**explicit)` for size='custom' (all dims required).
+
+  A named size with explicit dims is refused rather than silently ignoring one of the two.
+  """
+  given = {k: v for k, v in explicit.items() if v is not None}
+  if size != CUSTOM:
+    if size not in sizes:
+      raise ValueError(f"{owner} size {size!r}: expected one of {sorted(sizes)} or {CUSTOM!r}")
+    if given:
+      raise ValueError(f"{owner} size={size!r} fixes its dims; set size={CUSTOM!r} to give "
+                       f"{sorted(given)} explicitly")
+    return sizes[size]
+  required = [f.name for f in dataclasses.fields(spec_cls) if f.default is dataclasses.MISSING]
+  missing = [k for k in required if k not in given]
+  if missing:
+    raise ValueError(f"{owner} size={CUSTOM!r} needs {missing} (module fields "
+                     f"{'/'.join(FIELD_NAMES.get(k, k) for k in missing)})")
+  spec = spec_cls(**given)
+  if spec.dim % spec.heads:
+    raise ValueError(f"{owner}: width {spec.dim} is not divisible by {spec.heads} heads")
+  return spec
+
+
+# Module field holding each spec entry (`heads` is `num_heads` on the modules).
+FIELD_NAMES = {"heads": "num_heads"}
 
 
 class DinoV2(nn.Module):
   """DINOv2 encoder; `__call__` returns the (B, H, W, C) patch grid (and block outputs if asked)."""
-  size: str = "B"
+  size: str = "B"                  # a SIZES name, or 'custom' with the five fields below
+  dim: Optional[int] = None        # size='custom' only: width, depth, heads, MLP width, SwiGLU
+  depth: Optional[int] = None
+  num_heads: Optional[int] = None
+  mlp_hidden: Optional[int] = None
+  swiglu: Optional[bool] = None    # custom default False (only ViT-g uses SwiGLU)
   patch_size: int = 14
   num_registers: int = 4
   input_size: int = 224            # the image is resized to this before patchify (None: as given)
@@ -64,9 +106,10 @@ class DinoV2(nn.Module):
 
   @property
   def spec(self) -> DinoV2Size:
-    if self.size not in SIZES:
-      raise ValueError(f"DinoV2 size {self.size!r}: expected one of {sorted(SIZES)}")
-    return SIZES[self.size]
+    """Width, depth, heads and MLP of this encoder: the named size's or the explicit ones."""
+    return resolve_spec("DinoV2", SIZES, self.size, dict(
+        dim=self.dim, depth=self.depth, heads=self.num_heads, mlp_hidden=self.mlp_hidden,
+        swiglu=self.swiglu), DinoV2Size)
 
   def preprocess(self, images):
     """[0,1] images -> resized (PyTorch bicubic, no antialias) and ImageNet-normalised."""
@@ -146,3 +189,61 @@ class DinoV2(nn.Module):
     if return_blocks:
       return grid, outs
     return grid
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading pretrained weights.
+
+# Fields that decide what the weights mean; a converted file must agree with the config on them.
+_ARCH_FIELDS = ("num_registers", "pos_embed_grid", "patch_size")
+# Fields that change the function but not the shapes: a mismatch is only worth a warning.
+_SOFT_FIELDS = ("pos_embed_convention", "ln_eps")
+
+
+def check_arch(found: Mapping, cfg: Mapping, what: str) -> None:
+  """Raises LoadError if converted DinoV2 kwargs `found` are another encoder than `cfg` asks for."""
+  from uae_jax.errors import LoadError
+  have = DinoV2(**{k: v for k, v in found.items() if k != "input_size"})
+  want = DinoV2(**cfg)
+  problems = []
+  if have.spec != want.spec:
+    problems.append(f"size {have.size!r} ({spec_text(have.spec)}) but model.encoder.size="
+                    f"{want.size!r} ({spec_text(want.spec)})")
+  problems += [f"{k}={getattr(have, k)!r} but model.encoder.{k}={getattr(want, k)!r}"
+               for k in _ARCH_FIELDS if getattr(have, k) != getattr(want, k)]
+  if problems:
+    raise LoadError(f"{what}: the DINOv2 weights do not fit the config: " + "; ".join(problems))
+  for k in _SOFT_FIELDS:
+    if k in found and getattr(have, k) != getattr(want, k):
+      logging.warning("%s was converted with %s=%r but model.encoder.%s=%r", what, k,
+                      getattr(have, k), k, getattr(want, k))
+
+
+def abstract_params(cfg: Mapping):
+  """Abstract (shape-only) params of `DinoV2(**cfg)`, via jax.eval_shape."""
+  model = DinoV2(**cfg)
+  size = model.input_size or model.pos_embed_grid * model.patch_size
+  images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  return nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"]
+
+
+def load(path: str, encoder_cfg: Mapping):
+  """Pretrained DINOv2 params for the encoder `encoder_cfg` (config.model.encoder) describes.
+
+  `path`: a directory written by `python -m uae_jax.convert dinov2`, or a raw HF / timm / FAIR
+  DINOv2 file or HF model directory (converted on the fly). The params come back in the
+  config's block layout (`scan_blocks`), without the final-norm affine when
+  `final_norm_affine` is False, and shape-checked against the model the config builds. Another
+  architecture (size, registers, position grid) raises LoadError naming `path`.
+  """
+  from uae_jax.convert import dinov2 as convert_dinov2
+  from uae_jax.models import scan_utils, tree_check
+  cfg = {k: v for k, v in dict(encoder_cfg).items() if k != "kind"}
+  affine = bool(cfg.get("final_norm_affine", False))
+  custom_heads = cfg.get("num_heads") if cfg.get("size") == CUSTOM else None
+  params, found = convert_dinov2.load_dinov2(path, drop_final_norm=not affine,
+                                             num_heads=custom_heads)
+  check_arch(found, cfg, path)
+  params = scan_utils.to_layout(params, bool(cfg.get("scan_blocks", False)))
+  tree_check.check_same_shapes(params, abstract_params(cfg), f"DINOv2 weights {path}")
+  return params

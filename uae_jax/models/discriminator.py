@@ -1,13 +1,14 @@
 """DINO-based GAN discriminator: a frozen DINO v1 ViT with trainable spectral-norm Conv1d heads.
 
-JAX port of the official UAE/RAE `src/disc/dinodisc.py` (see `reference/uae_reference.md` §2.4):
+JAX port of the official UAE/RAE `src/disc/dinodisc.py` (see docs/method.md#gan):
 
 * `DinoViTBackbone`: DINO v1 ViT-S/8 (frozen). Input in [-1, 1], NHWC, any size; bilinear resize
   to 224 (PyTorch `align_corners=False`, no antialias), ImageNet normalisation of (x+1)/2,
   patchify 8, CLS + learned position table. Returns 5 patch-token maps (B, N, C): the final block
   output first, then the outputs after blocks 2, 5, 8, 11, so the first and last are the same
-  tensor (reference quirk, §7 item 7). The final `norm` is kept for checkpoint fidelity but never
-  applied; the MLP uses tanh-GELU as the official code does (original DINO uses exact GELU).
+  tensor (an official-code quirk, docs/method.md#official-quirks). The final `norm` is kept for
+  checkpoint fidelity but never applied; the MLP uses tanh-GELU as the official code does
+  (original DINO uses exact GELU).
 * `SpectralNormConv1d`, `BatchNormLocal`, `DiscHead`: one head per token map, logits (B, N).
 * `Discriminator`: backbone + 5 heads, logits (B, 5 * N).
 
@@ -49,7 +50,7 @@ backbone at all.
 """
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -326,3 +327,29 @@ class Discriminator(nn.Module):
         dtype=self.dtype, param_dtype=self.param_dtype, name="backbone")(x)
     return DiscHeads(self.head_kernel_size, self.norm_eps, self.dtype, self.param_dtype,
                      name="heads")(feats, update_stats=train)
+
+
+# Discriminator fields that describe its frozen backbone (the rest are the heads' or compute's).
+_BACKBONE_ARCH = ("dim", "depth", "num_heads", "mlp_hidden", "patch_size", "image_size")
+_BACKBONE_FIELDS = _BACKBONE_ARCH + ("key_depths", "ln_eps", "remat_policy", "scan_blocks")
+
+
+def load_backbone(path: str, disc_kwargs: Mapping) -> dict:
+  """Frozen DINO ViT backbone params for `Discriminator(**disc_kwargs)`, shape-checked.
+
+  `path`: a directory written by `python -m uae_jax.convert dino-disc`, or the PyTorch /
+  safetensors DINO ViT file (`dino_vit_small_patch8_224.pth` for the default ViT-S/8). The
+  params come back in the backbone's block layout (`scan_blocks`). Raises LoadError naming `path`
+  when the file is another architecture than `disc_kwargs` asks for.
+  """
+  from uae_jax.convert import discriminator as convert_disc
+  from uae_jax.models import scan_utils, tree_check
+  kwargs = {k: v for k, v in dict(disc_kwargs).items() if k in _BACKBONE_FIELDS}
+  backbone = DinoViTBackbone(**kwargs)
+  expect = {k: getattr(backbone, k) for k in _BACKBONE_ARCH}
+  params, _ = convert_disc.load_dino_disc(path, expect=expect)
+  params = scan_utils.to_layout(params, backbone.scan_blocks)
+  images = jax.ShapeDtypeStruct((1, backbone.image_size, backbone.image_size, 3), jnp.float32)
+  target = jax.eval_shape(backbone.init, jax.random.key(0), images)["params"]
+  tree_check.check_same_shapes(params, target, f"discriminator backbone {path}")
+  return params
