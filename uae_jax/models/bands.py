@@ -334,7 +334,7 @@ def official_keep_counts(rng: jax.Array, batch_size: int, train: bool, count: in
     raise ValueError(f"count_min {count_min} > count_max {count_max}")
   if not train:
     # Eval mode: no coin, deterministic keep = count; the official code does this in every eval-mode
-    # forward (docs/method.md#official-code-quirks-reproduced).
+    # forward (docs/method.md#official-quirks).
     return jnp.asarray(True), jnp.full((batch_size,), count, jnp.int32)
   key_coin, key_keep = jax.random.split(rng)
   # One coin per batch: the official code skips the mask iff rand(()) >= apply_prob.
