@@ -23,11 +23,12 @@ relu1_2 .. relu5_3; `dinov2` patch tokens when weights are given) and each image
 4. Both with the DC term (`raw`, the official convention; positive features such as ReLU maps and
    pixels then put most energy at DC) and per-image, per-channel mean removed (`centered`).
 
-Low-pass robustness (§5.2 style): each image is low-passed in pixel space with an orthonormal 2-D
-DCT per RGB channel and a hard radial mask sqrt(ky^2 + kx^2) <= cutoff * (N - 1), inverse DCT,
-clamp to [0, 1]; the encoder's pooled 16 x 16 grid of the low-passed image is compared with that of
-the original by cosine similarity (flattened grid; `cosine`) and after removing each channel's
-spatial mean (`cosine_centered`), averaged over images.
+Low-pass robustness (as the official `retrival_exp.py` low-passes): each image is low-passed in
+pixel space with an orthonormal 2-D DCT per RGB channel and a hard radial mask
+sqrt(ky^2 + kx^2) <= cutoff * (N - 1), inverse DCT, clamp to [0, 1]; the encoder's pooled
+16 x 16 grid of the low-passed image is compared with that of the original by cosine similarity
+(flattened grid; `cosine`) and after removing each channel's spatial mean (`cosine_centered`),
+averaged over images.
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def vgg16_encoder(lpips_params: Optional[Mapping] = None, taps: Sequence[str] = 
 
 
 def dinov2_encoder(path: str, input_size: int = 224) -> Callable:
-  """DINOv2 patch tokens (HF `last_hidden_state` incl. the affine final LayerNorm, as §5.1)."""
+  """DINOv2 patch tokens (HF `last_hidden_state` with its affine final LayerNorm, as energy_exp)."""
   from uae_jax.convert import dinov2 as convert_dinov2
   from uae_jax.models import dinov2 as dinov2_lib
   params, kwargs = convert_dinov2.load_dinov2(path, input_size=input_size)
