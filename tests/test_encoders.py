@@ -104,7 +104,7 @@ def test_clip_resizes_input_like_torch_bicubic(hf_clip):
   assert _maxdiff(grid.reshape(2, 64, 64), ref.last_hidden_state[:, 1:]) <= TOL
 
 
-@pytest.mark.parametrize("size", [128, 160, 96])  # native 8 x 8; 10 x 10 and 6 x 6 interpolated
+@pytest.mark.parametrize("size", [128, 160, pytest.param(96, marks=pytest.mark.slow)])  # 8x8; 10x10, 6x6 interpolated
 def test_siglip_blocks_match_hf(hf_siglip, size):
   params, arch, info = siglip_convert.convert_siglip(_state_dict(hf_siglip))
   assert info["layout"] == "siglip" and arch["pos_embed_convention"] == "torch_bicubic"
@@ -129,7 +129,7 @@ def test_siglip_blocks_match_hf(hf_siglip, size):
   assert _maxdiff(z.reshape(2, g * g, 64), ln) <= TOL
 
 
-@pytest.mark.parametrize("size", [128, 96, 160])
+@pytest.mark.parametrize("size", [128, 96, pytest.param(160, marks=pytest.mark.slow)])
 def test_siglip2_naflex_matches_hf(hf_siglip2, size):
   params, arch, info = siglip_convert.convert_siglip(_state_dict(hf_siglip2))
   assert info["layout"] == "naflex" and arch["pos_embed_convention"] == "antialiased_bilinear"
@@ -148,7 +148,7 @@ def test_siglip2_naflex_matches_hf(hf_siglip2, size):
   assert _maxdiff(pooled, ref.pooler_output) <= TOL
 
 
-@pytest.mark.parametrize("out", [6, 10, 24])
+@pytest.mark.parametrize("out", [6, pytest.param(10, marks=pytest.mark.slow), 24])
 def test_antialiased_bilinear_matrix_matches_torch(out):
   p = np.random.RandomState(3).randn(1, 5, 16, 16).astype(np.float32)
   ref = torch.nn.functional.interpolate(torch.from_numpy(p), size=(out, out), mode="bilinear",
@@ -299,7 +299,7 @@ def test_official_uae_siglip2_round_trip(hf_siglip):
 # ------------------------------------------------------------------------------------------------
 # Registry, config loading, scan layout.
 
-@pytest.mark.parametrize("kind", ["clip", "siglip2"])
+@pytest.mark.parametrize("kind", ["clip", pytest.param("siglip2", marks=pytest.mark.slow)])
 def test_registry_load_converted_dir_scanned_equals_unrolled(tmp_path, hf_clip, hf_siglip, kind):
   hf = hf_clip if kind == "clip" else hf_siglip
   src = str(tmp_path / "hf")
@@ -337,7 +337,7 @@ def test_registry_rejects_unknown_kind_and_gives_official_recipe():
   assert encoders.latent_grid(encoders.DEFAULTS["siglip2"]) == 16
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip2"])
+@pytest.mark.parametrize("kind", [pytest.param("clip", marks=pytest.mark.slow), "siglip2"])
 def test_full_size_shapes_and_logical_axes(kind):
   import flax.linen as nn
   cfg = encoders.DEFAULTS[kind]
