@@ -166,15 +166,24 @@ def vgg16_encoder(lpips_params: Optional[Mapping] = None, taps: Sequence[str] = 
 
 
 def dinov2_encoder(path: str, input_size: int = 224) -> Callable:
-  """DINOv2 patch tokens (HF `last_hidden_state` with its affine final LayerNorm, as energy_exp)."""
-  from uae_jax.convert import dinov2 as convert_dinov2
-  from uae_jax.models import dinov2 as dinov2_lib
-  params, kwargs = convert_dinov2.load_dinov2(path, input_size=input_size)
-  model = dinov2_lib.DinoV2(**kwargs)
+  """DINOv2 patch tokens (HF `last_hidden_state` incl. the affine final LayerNorm, as §5.1)."""
+  return semantic_encoder("dinov2", path, input_size)
+
+
+def semantic_encoder(kind: str, path: str, input_size: Optional[int] = None) -> Callable:
+  """The latent grid of a pretrained encoder of `models.encoders` kind `kind`, weights as stored.
+
+  dinov2: patch tokens after the final LayerNorm with its affine (HF `last_hidden_state`);
+  clip: the raw last-block patch tokens (HF `last_hidden_state[:, 1:]`, the UAE-CLIP latent);
+  siglip2: all patch tokens after `post_layernorm` (with its affine if the file has it).
+  `input_size` None: the file's native resolution (224 for CLIP-L/14, 256 for SigLIP2-B/16).
+  """
+  from uae_jax.models import encoders as encoders_lib
+  model, params = encoders_lib.pretrained(kind, path, input_size)
 
   def encode(images):
     grid = model.apply({"params": params}, jnp.asarray(images, jnp.float32))
-    return {"dinov2": adaptive_avg_pool(grid.astype(jnp.float32), GRID)}
+    return {kind: adaptive_avg_pool(grid.astype(jnp.float32), GRID)}
 
   return encode
 
