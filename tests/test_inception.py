@@ -50,12 +50,15 @@ def forward():
   return jax.jit(lambda v, x: model.apply(v, x, return_blocks=True))
 
 
-def test_key_table_covers_the_pytorch_fid_state_dict_exactly(torch_shapes):
-  ours = inc.torch_state_dict_shapes()
-  ignored = set(inc.ignored_torch_keys())
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_key_table_covers_the_pytorch_fid_state_dict_exactly(torch_shapes, with_logits):
+  ours = inc.torch_state_dict_shapes(with_logits)
+  ignored = set(inc.ignored_torch_keys(with_logits))
   assert set(ours) | (set(torch_shapes) & ignored) == set(torch_shapes)
+  assert not set(ours) & ignored
   assert {k: torch_shapes[k] for k in ours} == ours
-  assert len(ours) == 470 and len(torch_shapes) == 566  # 94 BasicConv2d x 5 + 94 counters + fc
+  # 94 BasicConv2d x 5 (+ fc.weight) + 94 counters + fc.weight/bias
+  assert len(ours) == 470 + with_logits and len(torch_shapes) == 566
 
 
 def test_resize_is_torch_bilinear(gold):
@@ -124,7 +127,7 @@ def test_wrapper_layout_and_export_round_trip(torch_shapes, variables):
   for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(variables)):
     np.testing.assert_array_equal(a, b)
   exported = inc.export_state_dict(variables)
-  assert set(exported) == set(inc.torch_state_dict_shapes())
+  assert set(exported) == set(inc.torch_state_dict_shapes(with_logits=True))
   for k, v in exported.items():
     np.testing.assert_array_equal(v, sd[k])
 

@@ -5,7 +5,8 @@ this script runs ONCE in a separate throw-away venv (about 5.8 GB, local wheels;
 
     python3 -m venv /tmp/tvenv
     /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 pytorch-fid==0.3.0 numpy scipy \
-        safetensors pillow scikit-image
+        safetensors pillow scikit-image tqdm
+    /tmp/tvenv/bin/pip install --no-deps torch-fidelity==0.4.0
     /tmp/tvenv/bin/python tests/golden/make_inception_golden.py      # from the repository root
 
 What it does:
@@ -38,8 +39,23 @@ What it does:
      pool_a (2,2048), pool_b (1,2048)         the 2048-d FID features
      mean_<block>_a / mean_<block>_b (B, C)    spatial means of block0, block1 and every Mixed_*
                                               output
+     spatial_a / spatial_b (B,17,17,7)        Mixed_6d output channels 0..6 (= TF mixed_6/conv[..., :7],
+                                              ADM's sFID tap), NHWC
+     logits_a / logits_b (B,1008)             pool @ fc.weight^T (no bias: ADM / torch-fidelity IS logits)
      keys (N,) str, shapes_flat, shapes_len   the torch state dict names/shapes, sorted
-     seed, versions (torch, torchvision, pytorch-fid)
+     seed, versions (torch, torchvision, pytorch-fid, torch-fidelity)
+5. The TF1 ('ADM graph') protocol, from torch-fidelity 0.4.0's `FeatureExtractorInceptionV3`
+   (`inception-v3-compat`: TF1-legacy bilinear resize of 0..255 pixels, then (x - 128) / 128), loaded
+   with the same seeded weights from a temporary .pth:
+     tf_resized_a (2,23,23,3)                 its `interpolate_bilinear_2d_like_tensorflow1x` to 299 of
+                                              batch a (0..255 scale), every 13th pixel
+     tf_pool_a/b, tf_logits_a/b, tf_spatial_a/b  its '2048' and 'logits_unbiased' features and the
+                                              Mixed_6d[:, :7] activation (forward hook), NHWC
+6. Precision/recall and Inception Score of torch-fidelity on fixed synthetic inputs (no network):
+     prc_fake (150,16), prc_real (120,16)     float32 Gaussian clouds, partly overlapping
+     prc_precision, prc_recall                `calculate_precision_recall_full(fake, real, 3)`
+     isc_logits (200,12) float32, isc_mean, isc_std
+                                              `isc_features_to_metric(splits=10, shuffle=False)`
    and prints the across-image std of the features: it must be far from 0 (random Inceptions with
    default init collapse to near-constant features, which would make a useless test).
 
@@ -120,6 +136,55 @@ def _torch_shapes():
   return captured
 
 
+def _torch_fidelity_outputs(sd, batches):
+  """torch-fidelity's inception-v3-compat (TF1 protocol) on the same weights and batches."""
+  import tempfile
+  import torch
+  from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+  from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "seeded_inception.pth")
+    torch.save(sd, path)
+    model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                        feature_extractor_weights_path=path).eval()
+  spatial = {}
+  model.Mixed_6d.register_forward_hook(
+      lambda m, i, o: spatial.__setitem__("x", o[:, :7].permute(0, 2, 3, 1).numpy().copy()))
+  out = {}
+  for tag, imgs in batches.items():
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+    with torch.no_grad():
+      pool, logits = model(x)
+      if tag == "a":
+        r = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+        out["tf_resized_a"] = r.permute(0, 2, 3, 1).numpy()[:, ::SUBSAMPLE, ::SUBSAMPLE].copy()
+    out[f"tf_pool_{tag}"] = pool.numpy().astype(np.float32)
+    out[f"tf_logits_{tag}"] = logits.numpy().astype(np.float32)
+    out[f"tf_spatial_{tag}"] = spatial["x"].astype(np.float32)
+    print(f"torch-fidelity batch {tag}: pool mean {float(pool.mean()):.4f}")
+  return out
+
+
+def _metric_references():
+  """torch-fidelity precision/recall and Inception Score on fixed synthetic inputs."""
+  import torch
+  from torch_fidelity.metric_isc import isc_features_to_metric
+  from torch_fidelity.metric_prc import calculate_precision_recall_full
+  rng = np.random.default_rng(SEED + 7)
+  fake = rng.standard_normal((150, 16)).astype(np.float32)
+  real = (rng.standard_normal((120, 16)) * 1.3 + 0.8).astype(np.float32)
+  precision, recall = calculate_precision_recall_full(torch.from_numpy(fake),
+                                                      torch.from_numpy(real), 3)
+  logits = (3.0 * rng.standard_normal((200, 12))).astype(np.float32)
+  isc = isc_features_to_metric(torch.from_numpy(logits), splits=10, shuffle=False)
+  print(f"torch-fidelity: precision {precision:.4f} recall {recall:.4f}, "
+        f"IS {isc['inception_score_mean']:.4f} +- {isc['inception_score_std']:.4f}")
+  return {"prc_fake": fake, "prc_real": real, "prc_precision": np.float64(precision),
+          "prc_recall": np.float64(recall), "isc_logits": logits,
+          "isc_mean": np.float64(isc["inception_score_mean"]),
+          "isc_std": np.float64(isc["inception_score_std"])}
+
+
 def main():
   """Builds the seeded pytorch-fid model, runs the photos, writes the golden file."""
   import pytorch_fid
@@ -147,6 +212,11 @@ def main():
   for name, mod in modules.items():
     mod.register_forward_hook(
         lambda m, i, o, name=name: captured.__setitem__(name, o.mean(dim=(2, 3)).numpy().copy()))
+  captured_spatial = {}
+  modules["Mixed_6d"].register_forward_hook(
+      lambda m, i, o: captured_spatial.__setitem__(
+          "a" if "a" not in captured_spatial else "b",
+          o[:, :7].permute(0, 2, 3, 1).numpy().astype(np.float32).copy()))
 
   out = {"seed": np.int64(SEED)}
   batches = {"a": np.stack([_photo("astronaut", 128), _photo("chelsea", 128)]),
@@ -165,6 +235,13 @@ def main():
     print(f"batch {tag}: pool mean {pool.mean():.4f}, per-feature std over all features "
           f"{pool.std():.4f}, range [{pool.min():.4f}, {pool.max():.4f}]")
 
+  for tag in batches:
+    with torch.no_grad():
+      out[f"logits_{tag}"] = (torch.from_numpy(out[f"pool_{tag}"]) @ sd["fc.weight"].T).numpy()
+    out[f"spatial_{tag}"] = captured_spatial[tag]
+  out.update(_torch_fidelity_outputs(sd, batches))
+  out.update(_metric_references())
+
   pools = np.concatenate([out["pool_a"], out["pool_b"]])
   across = pools.std(axis=0)
   print(f"across-image std per feature: mean {across.mean():.4f}, median {np.median(across):.4f} "
@@ -175,7 +252,9 @@ def main():
   out["keys"] = np.array(keys)
   out["shapes_len"] = np.array([len(shapes[k]) for k in keys], np.int64)
   out["shapes_flat"] = np.array([d for k in keys for d in shapes[k]], np.int64)
-  out["versions"] = np.array([torch.__version__, torchvision.__version__, pytorch_fid.__version__])
+  import torch_fidelity
+  out["versions"] = np.array([torch.__version__, torchvision.__version__, pytorch_fid.__version__,
+                              torch_fidelity.__version__])
   np.savez_compressed(OUT, **out)
   print(f"wrote {OUT} ({os.path.getsize(OUT) / 1e3:.0f} kB), {len(keys)} state dict keys")
 

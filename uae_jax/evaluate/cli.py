@@ -1,9 +1,12 @@
-"""Command line of `python -m uae_jax.evaluate {recon, fid-stats, probe, spectrum}`.
+"""Command line of `python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum}`.
 
   recon      reconstruct an eval split with a trained run (EMA params by default) or an official
              PyTorch UAE checkpoint; PSNR / SSIM / LPIPS (+ rFID with Inception weights); writes
              metrics.json, metrics.md, per_image.npz and recon_grid.png (+ recon.npz if asked).
   fid-stats  FID-Inception reference statistics (mu, sigma) of a split -> .npz.
+  gen        generation metrics of a sample .npz as OpenAI's ADM evaluator computes them: FID,
+             sFID, Inception Score, precision, recall (vs e.g. VIRTUAL_imagenet256_labeled.npz);
+             prints and writes JSON (docs/generation_eval.md).
   probe      linear probe (logistic regression) on band-0 and all-band pooled encoder features.
   spectrum   the Prism analysis: DCT zig-zag / radial band energies and low-pass robustness of
              pixels, VGG16 (LPIPS weights) and DINOv2 (if weights are given); JSON + PNG.
@@ -27,9 +30,16 @@ from typing import Any, Optional
 
 import numpy as np
 
+from uae_jax.convert.tables import ConversionError
+from uae_jax.errors import LoadError, UserError
+
 INCEPTION_HELP = ("FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                  "(or .safetensors/.npz of the same state dict); default $UAE_JAX_INCEPTION or "
+                  "(or torch-fidelity's weights-inception-2015-12-05-6726825d.pth, the same file; "
+                  "or .safetensors/.npz of the same state dict); default $UAE_JAX_INCEPTION or "
                   "the torch-hub cache file if present")
+PREPROCESSING_HELP = ("Inception input transform: 'pytorch-fid' (x/255, PyTorch bilinear, 2x-1) or "
+                      "'tf1' (TF1 bilinear of 0..255, (x-128)/128: ADM and torch-fidelity, the "
+                      "official UAE rFID)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,8 +115,8 @@ def abstract_params(config, mesh):
   import jax
   import jax.numpy as jnp
   from uae_jax import sharding as sharding_lib
-  from uae_jax import steps as steps_lib
-  model = steps_lib.build_model(config)
+  from uae_jax.tasks import uae as uae_task
+  model = uae_task.build_model(config)
   size = int(config.input.image_size)
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   boxed = jax.eval_shape(
@@ -280,7 +290,8 @@ def cmd_recon(args) -> dict:
   inception_path = _inception_path(args.inception)
   if inception_path:
     fid = fid_lib.InceptionFID.from_files(inception_path, args.fid_stats or None,
-                                          sharding_lib.replicated(mesh), args.fid_method)
+                                          sharding_lib.replicated(mesh), args.fid_method,
+                                          args.fid_preprocessing)
   else:
     rfid_note = ("not computed: no FID Inception weights (pass --inception "
                  "pt_inception-2015-12-05-6726825d.pth; no package ships them)")
@@ -298,7 +309,8 @@ def cmd_recon(args) -> dict:
                "max_examples": int(input_cfg.get("eval_max_examples", 0))},
       "conventions": {k: v for k, v in CONVENTIONS.items() if k in res.metrics},
       "fid": ({"inception": os.path.abspath(inception_path), "reference": args.fid_stats or
-               "inline (the same eval images)", "method": args.fid_method} if fid else None),
+               "inline (the same eval images)", "method": args.fid_method,
+               "preprocessing": args.fid_preprocessing} if fid else None),
       "seconds": res.seconds,
   }
   if rfid_note:
@@ -340,7 +352,8 @@ def cmd_fid_stats(args) -> dict:
                        args.batch_size, args.max_examples)
   mesh = make_mesh(ml_collections.ConfigDict(dict(mesh=dict(data=1, fsdp=-1))))
   batch_sh = sharding_lib.batch_sharding(mesh)
-  fid = fid_lib.InceptionFID.from_files(path, None, sharding_lib.replicated(mesh))
+  fid = fid_lib.InceptionFID.from_files(path, None, sharding_lib.replicated(mesh),
+                                        preprocessing=args.fid_preprocessing)
   stats = fid_lib.FeatureStats()
   t0 = time.time()
   it = pipeline.make_eval_iterator(cfg)
@@ -355,7 +368,8 @@ def cmd_fid_stats(args) -> dict:
   mu, sigma = stats.mean_cov()
   info = {"out": os.path.abspath(args.out), "num_images": int(stats.n), "split": cfg.eval_split,
           "source": cfg.source, "image_size": int(cfg.image_size),
-          "inception": os.path.abspath(path), "seconds": time.time() - t0}
+          "inception": os.path.abspath(path), "preprocessing": args.fid_preprocessing,
+          "seconds": time.time() - t0}
   if _is_main():
     fid_lib.save_stats(args.out, mu, sigma, int(stats.n))
     print(json.dumps(info, indent=1))
@@ -397,6 +411,54 @@ def cmd_probe(args) -> dict:
       f.write(text)
     res["out"] = out
     print(text)
+  return res
+
+
+# ------------------------------------------------------------------------------------------------
+# gen
+
+
+def _gen_markdown(res: dict) -> str:
+  """One-screen summary of `gen`."""
+  def fmt(v):
+    return "n/a" if v is None else f"{v:.4f}"
+  lines = [f"| FID | sFID | IS | precision | recall | samples |", "|---|---|---|---|---|---|",
+           f"| {fmt(res['fid'])} | {fmt(res['sfid'])} | {fmt(res['inception_score'])} | "
+           f"{fmt(res['precision'])} | {fmt(res['recall'])} | {res['num_samples']} |", "",
+           f"protocol '{res['protocol']['name']}': {res['protocol']['resize_and_normalise']}; "
+           f"labels: {res['protocol']['label_sampling']}"]
+  lines += [f"note ({k}): {v}" for k, v in res["notes"].items() if k != "reference_statistics"]
+  return "\n".join(lines)
+
+
+def cmd_gen(args) -> dict:
+  """`gen`: FID, sFID, IS, precision and recall of a sample .npz (ADM evaluator definitions)."""
+  from uae_jax.evaluate import gen_eval
+  from uae_jax.evaluate import inception as inception_lib
+  # Validate both files before spending time on the weights.
+  gen_eval.NpzImages(args.samples).close()
+  gen_eval.load_reference(args.ref).close()
+  path = _inception_path(args.inception)
+  if not path:
+    raise LoadError("gen needs --inception (" + INCEPTION_HELP + ")")
+  variables = inception_lib.load_inception(path)
+  opts = gen_eval.GenEvalOptions(
+      protocol=args.protocol, per_device_batch=args.per_device_batch, cache_dir=args.cache_dir,
+      use_cache=not args.no_cache, fid_method=args.fid_method, k=args.k,
+      is_split_size=args.is_split_size, distance_dtype=args.distance_dtype,
+      label_sampling=args.label_sampling, max_samples=args.max_samples,
+      progress=not args.no_progress)
+  res = gen_eval.evaluate_generation(args.samples, args.ref, variables, opts)
+  res["protocol"]["inception"] = os.path.abspath(path)
+  res["protocol"]["inception_fingerprint"] = inception_lib.weights_fingerprint(variables)
+  out = args.out or os.path.splitext(args.samples)[0] + ".gen_eval.json"
+  if _is_main():
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+    print(_gen_markdown(res))
+  res["out"] = out
   return res
 
 
@@ -501,6 +563,8 @@ def parser() -> argparse.ArgumentParser:
                                                   "from the same eval images)")
   r.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigh"),
                  help="matrix square root: scipy sqrtm (pytorch-fid) or symmetric eigh (faster)")
+  r.add_argument("--fid-preprocessing", default="pytorch-fid", choices=("pytorch-fid", "tf1"),
+                 help=PREPROCESSING_HELP)
   r.add_argument("--max-examples", type=int, default=-1, help="first N images only (-1: config)")
   r.add_argument("--save-recon", action="store_true", help="also write recon.npz (uint8)")
   r.add_argument("--grid-images", type=int, default=4, help="rows of recon_grid.png")
@@ -514,7 +578,37 @@ def parser() -> argparse.ArgumentParser:
   f.add_argument("--image-size", type=int, default=256, help="ADM centre crop size")
   f.add_argument("--batch-size", type=int, default=8)
   f.add_argument("--max-examples", type=int, default=0)
+  f.add_argument("--fid-preprocessing", default="pytorch-fid", choices=("pytorch-fid", "tf1"),
+                 help=PREPROCESSING_HELP)
   f.add_argument("--multihost", action="store_true",
+                 default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+
+  g = sub.add_parser("gen", help="FID, sFID, IS, precision, recall of samples (ADM evaluator)")
+  g.add_argument("--samples", required=True, help="samples .npz: uint8 arr_0 (N, H, W, 3), "
+                 "optional arr_1 labels")
+  g.add_argument("--ref", required=True, help="reference .npz: ADM batch (arr_0 images + mu, "
+                 "sigma, mu_s, sigma_s), an image .npz, or `fid-stats` output (FID only)")
+  g.add_argument("--inception", default="", help=INCEPTION_HELP)
+  g.add_argument("--protocol", default="adm", choices=("adm", "torch-fidelity", "pytorch-fid"),
+                 help="input transform to match: adm = torch-fidelity = TF1 bilinear + "
+                      "(x-128)/128; pytorch-fid = PyTorch bilinear + 2x-1")
+  g.add_argument("--out", default="", help="JSON path (default: <samples>.gen_eval.json)")
+  g.add_argument("--per-device-batch", type=int, default=32)
+  g.add_argument("--cache-dir", default="", help="where reference features are cached "
+                 "(default: next to --ref)")
+  g.add_argument("--no-cache", action="store_true", help="never read or write the cache")
+  g.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigh"),
+                 help="matrix square root: scipy sqrtm (ADM, pytorch-fid) or symmetric eigh")
+  g.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood (ADM: 3)")
+  g.add_argument("--is-split-size", type=int, default=5000,
+                 help="IS split size (ADM: 5000); 0 = 10 equal splits")
+  g.add_argument("--distance-dtype", default="float32", choices=("float32", "float16"),
+                 help="precision/recall distances (ADM tries float16 first)")
+  g.add_argument("--label-sampling", default="", help="recorded in the report (default: "
+                 "inferred from arr_1 labels if present)")
+  g.add_argument("--max-samples", type=int, default=0, help="first N samples only (0 = all)")
+  g.add_argument("--no-progress", action="store_true")
+  g.add_argument("--multihost", action="store_true",
                  default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
 
   q = sub.add_parser("probe", help="linear probe on band-0 and all-band encoder features")
@@ -558,6 +652,12 @@ def main(argv=None) -> Any:
   _maybe_init_multihost(args)
   from uae_jax.metric_writers import quiet_library_logs
   quiet_library_logs()
-  commands = {"recon": cmd_recon, "fid-stats": cmd_fid_stats, "probe": cmd_probe,
-              "spectrum": cmd_spectrum}
-  return commands[args.cmd](args)
+  commands = {"recon": cmd_recon, "fid-stats": cmd_fid_stats, "gen": cmd_gen,
+              "probe": cmd_probe, "spectrum": cmd_spectrum}
+  try:
+    return commands[args.cmd](args)
+  except (UserError, ConversionError) as e:
+    # Bad input: one line naming the file and the problem, exit status 2.
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"error: {text or type(e).__name__}", file=sys.stderr)
+    raise SystemExit(2) from None

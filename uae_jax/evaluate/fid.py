@@ -10,7 +10,8 @@
   `batch_sums` is the jittable per-batch part (masked sums in float32 at HIGHEST precision; the
   batch-to-batch accumulation happens in float64 on the host).
 * `save_stats` / `load_stats`: `.npz` with `mu`, `sigma` (the pytorch-fid / ADM layout) and `n`.
-* `InceptionFID`: Inception features of [0,1] images under a batch sharding, with their stats.
+* `InceptionFID`: Inception features of [0,1] images under a batch sharding, with their stats;
+  `preprocessing='pytorch-fid'` (default) or 'tf1' (ADM / torch-fidelity input transform).
 
 rFID in this project = FID between the Inception statistics of the reconstructions (quantised to
 uint8 levels like saved PNGs) and those of the reference images, as the official code does with
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Any, Mapping, Optional
 
 import jax
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
+from uae_jax.errors import LoadError
 from uae_jax.evaluate import inception as inception_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -129,21 +132,43 @@ def save_stats(path: str, mu, sigma, n: Optional[int] = None) -> None:
     np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
 
 
+def check_stats(path: str, mu, sigma, names=("mu", "sigma"), dim: Optional[int] = None) -> tuple:
+  """Validated float64 (mu, sigma): 1-D mu, square sigma of matching size, all finite."""
+  mu, sigma = np.asarray(mu), np.asarray(sigma)
+  for name, a in zip(names, (mu, sigma)):
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+      raise LoadError(f"{path}: '{name}' has dtype {a.dtype}; expected floating point statistics")
+  if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+    raise LoadError(f"{path}: '{names[1]}' {sigma.shape} does not match '{names[0]}' {mu.shape} "
+                    f"(expected (D,) and (D, D))")
+  if dim is not None and mu.size != dim:
+    raise LoadError(f"{path}: '{names[0]}' has {mu.size} dimensions; expected {dim}")
+  for name, a in zip(names, (mu, sigma)):
+    if not np.all(np.isfinite(a)):
+      raise LoadError(f"{path}: '{name}' contains {int(np.sum(~np.isfinite(a)))} NaN/inf values")
+  return mu.astype(np.float64), sigma.astype(np.float64)
+
+
 def load_stats(path: str) -> tuple:
   """(mu, sigma) from an .npz written by `save_stats`, pytorch-fid or ADM (`mu`, `sigma` keys)."""
-  with np.load(path, allow_pickle=False) as z:
-    if "mu" not in z.files or "sigma" not in z.files:
-      raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {z.files}")
-    mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-  if sigma.shape != (mu.size, mu.size):
-    raise ValueError(f"{path}: sigma {sigma.shape} does not match mu {mu.shape}")
-  return mu, sigma
+  if not os.path.exists(path):
+    raise LoadError(f"{path}: no such statistics file")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if "mu" not in z.files or "sigma" not in z.files:
+        raise LoadError(f"{path}: expected arrays 'mu' and 'sigma', found {z.files}")
+      mu, sigma = z["mu"], z["sigma"]
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    if isinstance(e, LoadError):
+      raise
+    raise LoadError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from None
+  return check_stats(path, mu, sigma)
 
 
-def _as_unit_float(x):
-  """uint8 images -> float32 / 255; float images unchanged (assumed in [0, 1])."""
+def _as_model_input(x):
+  """uint8 images stay uint8 (the Inception preprocessing scales them); floats -> float32."""
   x = jnp.asarray(x)
-  return x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+  return x if x.dtype == jnp.uint8 else x.astype(jnp.float32)
 
 
 class InceptionFID:
@@ -154,25 +179,33 @@ class InceptionFID:
   """
 
   def __init__(self, variables: Mapping, reference: Optional[tuple] = None,
-               replicated: Optional[jax.sharding.Sharding] = None, method: str = "sqrtm"):
+               replicated: Optional[jax.sharding.Sharding] = None, method: str = "sqrtm",
+               preprocessing: str = "pytorch-fid"):
     self.method = method
+    self.preprocessing = inception_lib.check_preprocessing(preprocessing)
     self.variables = variables if replicated is None else jax.device_put(variables, replicated)
     self.reference = reference
-    model = inception_lib.FIDInception()
-    self.features = jax.jit(lambda v, x: model.apply(v, _as_unit_float(x)))
+    model = inception_lib.FIDInception(preprocessing=preprocessing,
+                                       with_logits=inception_lib.has_logits(variables))
+    self.features = jax.jit(lambda v, x: model.apply(v, _as_model_input(x)))
 
     def sums(v, x, mask):
-      return batch_sums(model.apply(v, _as_unit_float(x)), mask)
+      return batch_sums(model.apply(v, _as_model_input(x)), mask)
 
     self._sums = jax.jit(sums, out_shardings=replicated)
 
   @classmethod
   def from_files(cls, inception_path: str, stats_path: Optional[str] = None,
                  replicated: Optional[jax.sharding.Sharding] = None,
-                 method: str = "sqrtm") -> "InceptionFID":
-    """Loads Inception weights (and reference statistics, if a path is given)."""
+                 method: str = "sqrtm", preprocessing: str = "pytorch-fid") -> "InceptionFID":
+    """Loads Inception weights (and reference statistics, if a path is given).
+
+    `preprocessing`: 'pytorch-fid' (today's default) or 'tf1' (the ADM / torch-fidelity input
+    transform, i.e. the official UAE rFID); see `inception.preprocess`.
+    """
     ref = load_stats(stats_path) if stats_path else None
-    return cls(inception_lib.load_inception(inception_path), ref, replicated, method)
+    return cls(inception_lib.load_inception(inception_path), ref, replicated, method,
+               preprocessing)
 
   def batch_sums(self, images: jax.Array, mask: jax.Array) -> dict:
     """Masked feature sums of one (global) batch (uint8, or float in [0, 1]), replicated."""

@@ -7,21 +7,38 @@ use_fid_inception=True)`: torchvision's Inception3 trunk up to `Mixed_7c` with t
 average pool to the 2048-d "pool_3" features that FID uses. BatchNorm runs on its stored statistics
 (eps 1e-3).
 
-Input convention (pytorch-fid's, stated exactly): NHWC images in [0, 1] of any size are resized to
-299 x 299 with `F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)` (no
-antialias; built here as fixed per-axis matrices that reproduce PyTorch's float32 source positions
-and weights), then mapped to [-1, 1] by `2x - 1`. torch-fidelity (the official UAE rFID) resizes
-uint8 images with its own TF1-style bilinear, which can differ slightly on non-299 inputs.
+Input: NHWC uint8 images (0..255) or float images in [0, 1], any size. Two preprocessing
+protocols (`FIDInception(preprocessing=...)`), stated exactly:
+* 'pytorch-fid' (default; pytorch-fid 0.3.0): x in [0, 1] is resized to 299 x 299 with
+  `F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)` (no antialias; built
+  here as fixed per-axis matrices that reproduce PyTorch's float32 source positions and weights),
+  then mapped to [-1, 1] by `2x - 1`.
+* 'tf1' (the TF graph `classify_image_graph_def.pb` that OpenAI's ADM evaluator runs, and
+  torch-fidelity's `inception-v3-compat`, the official UAE rFID): pixel values x in [0, 255] are
+  resized with TF1's legacy `ResizeBilinear` (align_corners=False, half_pixel_centers=False: source
+  position = dst * in / out, no half-pixel offset), then mapped by `(x - 128) / 128`.
+On 299 x 299 inputs both resizes are the identity; on 256 x 256 samples they differ.
+
+Outputs used by the generation suite (`return_blocks=True`): 'pool' (B, 2048) = TF `pool_3`;
+'spatial' (B, 17, 17, 7) = TF `mixed_6/conv` (the 1x1 branch of Mixed_6d = TF `mixed_6`, whose
+output channels come first in the block's concat) sliced to its first 7 channels as ADM does for
+sFID; and, with `with_logits=True`, 'logits' (B, 1008) = pool @ fc.weight^T *without* the bias,
+as ADM (`softmax/logits/MatMul`) and torch-fidelity (`logits_unbiased`) compute it for the
+Inception Score.
 
 Weights: the TF-FID weights as ported by pytorch-fid, `pt_inception-2015-12-05-6726825d.pth`
 (Inception3 key names, e.g. `Mixed_5b.branch5x5_1.conv.weight`,
 `Mixed_5b.branch5x5_1.bn.running_var`, plus the unused 1008-way `fc`). A state dict of pytorch-fid's
 wrapper (`blocks.0.0.conv.weight`, ...) is accepted too. Files are read with
 `torch.load(weights_only=True)` or safetensors/npz (`uae_jax.convert.torch_io`) and mapped by the
-explicit table `fid_inception_table()`: every model variable needs exactly one key; any unmapped,
-unused or mis-shaped key raises one `ConversionError` listing all of them. The only keys read and
-dropped on purpose are `fc.weight`, `fc.bias` and each BatchNorm's `num_batches_tracked` (listed by
-name in `ignored_torch_keys()`).
+explicit table `fid_inception_table(with_logits)`: every model variable needs exactly one key; any
+unmapped, unused or mis-shaped key raises one `ConversionError` listing all of them. `fc.weight`
+(1008 x 2048) becomes the logits head `params/fc/kernel` when present (the full Inception3 state
+dict; pytorch-fid's wrapper layout has no classifier, so such weights give no IS). The only keys
+read and dropped on purpose are `fc.bias` (unused by ADM and torch-fidelity) and each BatchNorm's
+`num_batches_tracked` (listed by name in `ignored_torch_keys()`). The ADM evaluator, torch-fidelity
+and pytorch-fid all use the same 2015-12-05 TF weights (the `.pth` files of pytorch-fid and
+torch-fidelity carry the same sha256 prefix 6726825d), so one file serves every protocol.
 
 Variables of `FIDInception`: {'params': {block: {conv: {conv: {kernel}, bn: {scale, bias}}}},
 'batch_stats': {... bn: {mean, var}}}, with block/conv names equal to the PyTorch module names.
@@ -31,6 +48,7 @@ tests use seeded random weights (tests/golden/make_inception_golden.py).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -45,6 +63,10 @@ from uae_jax.convert.tables import ConversionError, Row, Table
 
 FID_INPUT_SIZE = 299
 FEATURE_DIM = 2048
+NUM_LOGITS = 1008          # the TF graph's classifier: 1000 ImageNet classes + 8 unused
+SPATIAL_CHANNELS = 7       # ADM keeps mixed_6/conv[..., :7] for sFID
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023
+PREPROCESSING = ("pytorch-fid", "tf1")
 BN_EPS = 1e-3
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -169,21 +191,77 @@ def torch_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
-def resize_bilinear_torch(images: jax.Array, size: int = FID_INPUT_SIZE) -> jax.Array:
-  """(B,H,W,C) -> (B,size,size,C) exactly as PyTorch's bilinear resize with align_corners=False."""
+@functools.lru_cache(maxsize=32)
+def tf1_bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of TF1 `ResizeBilinear` (align_corners=False, legacy, no half-pixel)."""
+  # TensorFlow's compute_interpolation_weights with the legacy scaler, in float32:
+  # in = out_index * (in_size / out_size); lower = floor(in); upper = min(ceil(in), in_size - 1).
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  src = np.arange(out_size, dtype=f32) * scale
+  floor = np.floor(src)
+  lower = np.maximum(floor.astype(np.int64), 0)
+  upper = np.minimum(np.ceil(src).astype(np.int64), in_size - 1)
+  lerp = (src - floor).astype(f32)
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(m, (rows, lower), f32(1.0) - lerp)
+  np.add.at(m, (rows, upper), lerp)
+  return m
+
+
+_RESIZE_MATRICES = {"pytorch-fid": torch_bilinear_matrix, "tf1": tf1_bilinear_matrix}
+
+
+def _resize_separable(images: jax.Array, size: int, matrix_fn) -> jax.Array:
+  """(B,H,W,C) -> (B,size,size,C) with per-axis resampling matrices (identity at equal size)."""
   _, h, w, _ = images.shape
   images = jnp.asarray(images, jnp.float32)
   if (h, w) == (size, size):
-    return images  # PyTorch's interpolate is the identity here too.
-  my = jnp.asarray(torch_bilinear_matrix(h, size), jnp.float32)
-  mx = jnp.asarray(torch_bilinear_matrix(w, size), jnp.float32)
+    return images  # both PyTorch's interpolate and TF's ResizeBilinear are the identity here.
+  my = jnp.asarray(matrix_fn(h, size), jnp.float32)
+  mx = jnp.asarray(matrix_fn(w, size), jnp.float32)
   x = jnp.einsum("oh,bhwc->bowc", my, images, precision=_HIGHEST)
   return jnp.einsum("pw,bowc->bopc", mx, x, precision=_HIGHEST)
 
 
-def preprocess(images: jax.Array) -> jax.Array:
-  """pytorch-fid input transform: [0,1] NHWC -> bilinear 299 x 299 -> [-1, 1]."""
-  return 2.0 * resize_bilinear_torch(images) - 1.0
+def resize_bilinear_torch(images: jax.Array, size: int = FID_INPUT_SIZE) -> jax.Array:
+  """(B,H,W,C) -> (B,size,size,C) exactly as PyTorch's bilinear resize with align_corners=False."""
+  return _resize_separable(images, size, torch_bilinear_matrix)
+
+
+def resize_bilinear_tf1(images: jax.Array, size: int = FID_INPUT_SIZE) -> jax.Array:
+  """(B,H,W,C) -> (B,size,size,C) as TF1's legacy `ResizeBilinear` (the ADM/TF FID graph)."""
+  return _resize_separable(images, size, tf1_bilinear_matrix)
+
+
+def check_preprocessing(name: str) -> str:
+  """Returns `name` if it is a known preprocessing protocol, else raises ValueError."""
+  if name not in PREPROCESSING:
+    raise ValueError(f"unknown Inception preprocessing {name!r}; expected one of {PREPROCESSING}")
+  return name
+
+
+def preprocess(images: jax.Array, preprocessing: str = "pytorch-fid",
+               resize: bool = True) -> jax.Array:
+  """uint8 (0..255) or float [0,1] NHWC -> the network input in [-1, 1] at 299 x 299.
+
+  'pytorch-fid': x/255 -> PyTorch bilinear -> 2x - 1. 'tf1': x in 0..255 -> TF1 legacy bilinear
+  -> (x - 128) / 128 (the ADM/TF graph and torch-fidelity).
+  """
+  check_preprocessing(preprocessing)
+  x = jnp.asarray(images)
+  is_uint8 = x.dtype == jnp.uint8
+  x = x.astype(jnp.float32)
+  if preprocessing == "tf1":
+    x = x if is_uint8 else x * 255.0
+    if resize:
+      x = _resize_separable(x, FID_INPUT_SIZE, tf1_bilinear_matrix)
+    return (x - 128.0) / 128.0
+  x = x / 255.0 if is_uint8 else x
+  if resize:
+    x = _resize_separable(x, FID_INPUT_SIZE, torch_bilinear_matrix)
+  return 2.0 * x - 1.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,24 +349,30 @@ class MixedBlock(nn.Module):
 
 
 class FIDInception(nn.Module):
-  """pytorch-fid InceptionV3 (FID weights layout): [0,1] NHWC images -> (B, 2048) pool features.
+  """FID Inception-v3 (TF-FID weights): NHWC images -> (B, 2048) pool features.
 
-  `resize_input` / `normalize_input` as in pytorch-fid (both on by default). With
-  `return_blocks=True` it returns a dict with the four pytorch-fid output blocks
-  ('block0' (B,73,73,64) ... 'pool' (B,2048)) and every Mixed_* output.
+  Images are uint8 (0..255) or float in [0, 1]. `preprocessing` is 'pytorch-fid' or 'tf1' (see
+  the module docstring); `resize_input` / `normalize_input` as in pytorch-fid (both on by default;
+  with `normalize_input=False` the input must already be in the network's [-1, 1] range).
+  `with_logits` adds the 1008-way classifier `fc` (no bias). With `return_blocks=True` it returns a
+  dict with the pytorch-fid output blocks ('block0' (B,73,73,64) ... 'pool' (B,2048)), every
+  Mixed_* output, 'spatial' (B,17,17,7) (ADM's sFID tap) and 'logits' (B,1008) if `with_logits`.
   """
   resize_input: bool = True
   normalize_input: bool = True
   dtype: Any = jnp.float32
+  preprocessing: str = "pytorch-fid"
+  with_logits: bool = False
 
   @nn.compact
   def __call__(self, images, return_blocks: bool = False):
     """Pool features (B, 2048), or all intermediate outputs when `return_blocks`."""
-    x = jnp.asarray(images, jnp.float32)
-    if self.resize_input:
-      x = resize_bilinear_torch(x)
     if self.normalize_input:
-      x = 2.0 * x - 1.0
+      x = preprocess(images, self.preprocessing, resize=self.resize_input)
+    else:
+      x = jnp.asarray(images, jnp.float32)
+      x = _resize_separable(x, FID_INPUT_SIZE, _RESIZE_MATRICES[self.preprocessing]) \
+          if self.resize_input else x
     out = {}
     for i, (name, f, k, s, p) in enumerate(_STEM):
       x = BasicConv2d(f, k, s, p, self.dtype, name=name)(x)
@@ -299,8 +383,14 @@ class FIDInception(nn.Module):
       x = MixedBlock(kind, convs, self.dtype, name=name)(x)
       out[name] = x
     out["block2"] = out["Mixed_6e"]
+    # TF mixed_6/conv = Mixed_6d.branch1x1, the first 192 channels of the Mixed_6d concat.
+    out["spatial"] = out["Mixed_6d"][..., :SPATIAL_CHANNELS]
     pool = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # AdaptiveAvgPool2d(1) + flatten
     out["pool"] = pool
+    if self.with_logits:
+      # ADM and torch-fidelity take only the MatMul of softmax/logits: no bias.
+      out["logits"] = nn.Dense(NUM_LOGITS, use_bias=False, dtype=jnp.float32,
+                               param_dtype=jnp.float32, precision=_HIGHEST, name="fc")(pool)
     return out if return_blocks else pool
 
 
@@ -329,34 +419,42 @@ def _all_convs() -> list:
   return names
 
 
-def fid_inception_table() -> Table:
-  """The explicit PyTorch (Inception3 names) <-> Flax table of the FID Inception."""
+def fid_inception_table(with_logits: bool = False) -> Table:
+  """The explicit PyTorch (Inception3 names) <-> Flax table of the FID Inception (+ `fc`)."""
   rows = []
   for prefix in _all_convs():
     rows += _basic_rows(tuple(prefix.split(".")), prefix)
+  if with_logits:
+    rows.append(Row(("params", "fc", "kernel"), "fc.weight", "linear"))
   return Table("fid_inception", rows)
 
 
-def ignored_torch_keys() -> tuple:
-  """Keys read and dropped on purpose: the 1008-way classifier and BN batch counters."""
-  return ("fc.weight", "fc.bias") + tuple(f"{p}.bn.num_batches_tracked" for p in _all_convs())
+def ignored_torch_keys(with_logits: bool = True) -> tuple:
+  """Keys read and dropped on purpose: the classifier bias (and weight unless `with_logits`),
+  and the BatchNorm batch counters."""
+  fc = ("fc.bias",) if with_logits else ("fc.weight", "fc.bias")
+  return fc + tuple(f"{p}.bn.num_batches_tracked" for p in _all_convs())
 
 
-@functools.lru_cache(maxsize=1)
-def variable_shapes() -> dict:
+@functools.lru_cache(maxsize=2)
+def variable_shapes(with_logits: bool = False) -> dict:
   """Flat {flax path: shape} of every variable of `FIDInception` (params and batch_stats)."""
-  abstract = jax.eval_shape(lambda: FIDInception().init(
+  abstract = jax.eval_shape(lambda: FIDInception(with_logits=with_logits).init(
       jax.random.key(0), jnp.zeros((1, FID_INPUT_SIZE, FID_INPUT_SIZE, 3))))
   return {k: tuple(v.shape) for k, v in tables.flatten(dict(abstract)).items()}
 
 
-def torch_state_dict_shapes() -> dict:
+def torch_state_dict_shapes(with_logits: bool = False) -> dict:
   """{torch key: shape} the table expects (ignored keys excluded), in table order."""
-  shapes = variable_shapes()
+  shapes = variable_shapes(with_logits)
   out = {}
-  for row in fid_inception_table().rows:
+  for row in fid_inception_table(with_logits).rows:
     s = shapes[row.flax]
-    out[row.torch] = (s[3], s[2], s[0], s[1]) if row.transform == "conv" else s
+    if row.transform == "conv":
+      s = (s[3], s[2], s[0], s[1])
+    elif row.transform == "linear":
+      s = (s[1], s[0])
+    out[row.torch] = s
   return out
 
 
@@ -372,17 +470,41 @@ def _rename_wrapper_keys(sd: Mapping[str, np.ndarray]) -> dict:
   return out
 
 
-def convert_state_dict(sd: Mapping[str, np.ndarray], context: str = "FID Inception") -> dict:
-  """PyTorch FID-Inception state dict (numpy) -> Flax variables {'params', 'batch_stats'}."""
+def convert_state_dict(sd: Mapping[str, np.ndarray], context: str = "FID Inception",
+                       with_logits: Optional[bool] = None) -> dict:
+  """PyTorch FID-Inception state dict (numpy) -> Flax variables {'params', 'batch_stats'}.
+
+  `with_logits`: None = map `fc.weight` to the logits head iff the state dict has it; True =
+  require it; False = drop it.
+  """
   sd = _rename_wrapper_keys(sd)
-  ignored = set(ignored_torch_keys())
+  if with_logits is None:
+    with_logits = "fc.weight" in sd
+  ignored = set(ignored_torch_keys(with_logits))
   kept = {k: v for k, v in sd.items() if k not in ignored}
-  return tables.to_flax(fid_inception_table(), kept, expected=variable_shapes(), context=context)
+  return tables.to_flax(fid_inception_table(with_logits), kept,
+                        expected=variable_shapes(with_logits), context=context)
+
+
+def has_logits(variables: Mapping) -> bool:
+  """True if the variables carry the 1008-way classifier (`params/fc/kernel`)."""
+  return "fc" in variables.get("params", {})
 
 
 def export_state_dict(variables: Mapping) -> dict:
   """Flax variables -> Inception3-named PyTorch state dict (numpy), through the same table."""
-  return tables.to_torch(fid_inception_table(), variables, context="exporting FID Inception")
+  return tables.to_torch(fid_inception_table(has_logits(variables)), variables,
+                         context="exporting FID Inception")
+
+
+def weights_fingerprint(variables: Mapping) -> str:
+  """Short sha256 of the variables' values (names, shapes and bytes), to key feature caches."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(tables.flatten(dict(variables)).items()):
+    arr = np.ascontiguousarray(np.asarray(leaf, np.float32))
+    h.update("/".join(path).encode() + str(arr.shape).encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()[:16]
 
 
 def default_weights_path() -> Optional[str]:
@@ -396,19 +518,21 @@ def default_weights_path() -> Optional[str]:
   return None
 
 
-def load_inception(path: str) -> dict:
+def load_inception(path: str, with_logits: Optional[bool] = None) -> dict:
   """Reads FID Inception weights (.pth via weights_only torch.load, .safetensors, .npz)."""
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such Inception weights file")
   sd = torch_io.read_checkpoint(path)
   if not isinstance(sd, Mapping) or not all(isinstance(v, np.ndarray) for v in sd.values()):
     raise ConversionError(f"{path}: expected a flat state dict of tensors")
-  return convert_state_dict(sd, context=f"converting {path}")
+  return convert_state_dict(sd, context=f"converting {path}", with_logits=with_logits)
 
 
-def make_feature_fn(variables: Mapping, dtype: Any = jnp.float32):
-  """`features(images01) -> (B, 2048)` closed over (device-placed) Inception variables."""
-  model = FIDInception(dtype=dtype)
+def make_feature_fn(variables: Mapping, dtype: Any = jnp.float32,
+                    preprocessing: str = "pytorch-fid"):
+  """`features(images) -> (B, 2048)` closed over (device-placed) Inception variables."""
+  model = FIDInception(dtype=dtype, preprocessing=check_preprocessing(preprocessing),
+                       with_logits=has_logits(variables))
 
   def features(v, images):
     return model.apply(v, images)
@@ -418,4 +542,4 @@ def make_feature_fn(variables: Mapping, dtype: Any = jnp.float32):
 
 def describe_blocks() -> Sequence[str]:
   """Names of the intermediate outputs returned with `return_blocks=True`."""
-  return ("block0", "block1") + tuple(n for n, _, _ in MIXED) + ("block2", "pool")
+  return ("block0", "block1") + tuple(n for n, _, _ in MIXED) + ("block2", "spatial", "pool")
