@@ -364,3 +364,17 @@ def test_cli_clip_and_siglip2(tmp_path, hf_clip, hf_siglip):
   (tmp_path / "junk.safetensors").write_bytes(b"garbage")
   assert main(["clip", "--src", str(tmp_path / "junk.safetensors"), "--out",
                str(tmp_path / "x")]) == 2
+
+
+def test_spectrum_semantic_encoder_goes_through_the_registry(tmp_path, hf_clip):
+  from uae_jax.evaluate import linear_probe
+  from uae_jax.evaluate import spectrum
+  hf_clip.save_pretrained(tmp_path / "c")
+  x = _images(112)
+  feats = spectrum.semantic_encoder("clip", str(tmp_path / "c"))(jnp.asarray(x))
+  assert set(feats) == {"clip"} and feats["clip"].shape == (2, spectrum.GRID, spectrum.GRID, 64)
+  with torch.no_grad():
+    ref = hf_clip(pixel_values=_nchw(x, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD))
+  want = linear_probe.adaptive_avg_pool(
+      jnp.asarray(ref.last_hidden_state[:, 1:].numpy().reshape(2, 8, 8, 64)), spectrum.GRID)
+  assert _maxdiff(feats["clip"], want) <= TOL
