@@ -243,7 +243,8 @@ def inception_score(logits: np.ndarray, split_size: Optional[int] = ADM_IS_SPLIT
     with np.errstate(divide="ignore"):
       logq = np.log(p.mean(axis=0, keepdims=True))
     # p log(p / q) with 0 log 0 = 0 (a class no sample of the split predicts has q = 0).
-    kl = np.where(p > 0, p * (lp - logq), 0.0).sum(axis=1).mean()
+    with np.errstate(invalid="ignore"):
+      kl = np.where(p > 0, p * (lp - logq), 0.0).sum(axis=1).mean()
     scores.append(np.exp(kl))
   return float(np.mean(scores)), float(np.std(scores))
 
