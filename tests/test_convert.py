@@ -736,3 +736,133 @@ def test_dino_disc_table_matches_backbone_module():
   params, arch = cdisc.convert_dino_disc(sd, expect=None)
   feats = DinoViTBackbone(**arch).apply({"params": params}, jnp.zeros((1, 224, 224, 3)))
   assert feats[0].shape == (1, 784, 64)  # final block patch tokens (CLS dropped)
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-standard architectures: inferred from the shapes, size='custom', loaded through `load`.
+
+def _hf_custom_dinov2(heads, registers=4, seed=11):
+  """A randomised HF DINOv2 that is no named size: width 192, 4 layers, MLP 384, 98 px table."""
+  from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+  cfg = Dinov2WithRegistersConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=heads,
+                                  mlp_ratio=2, patch_size=14, image_size=98,
+                                  num_register_tokens=registers)
+  model = Dinov2WithRegistersModel(cfg)
+  gold.randomize_(model, seed)
+  return model.eval()
+
+
+CUSTOM_DIMS = {"dim": 192, "depth": 4, "mlp_hidden": 384, "swiglu": False}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("heads,where", [(3, "file"), (6, "hf_dir")])
+def test_non_standard_dinov2_converts_with_parity(heads, where, tmp_path):
+  """Width 192 / depth 4 / MLP 384 (no named size) converts; heads from dim // 64 for a bare
+  file, from config.json for an HF directory (6 heads there, which dim // 64 would get wrong)."""
+  torch = pytest.importorskip("torch")
+  model = _hf_custom_dinov2(heads)
+  if where == "hf_dir":
+    model.save_pretrained(tmp_path / "hf")
+    src = str(tmp_path / "hf")
+  else:
+    src = str(tmp_path / "custom.safetensors")
+    torch_io.write_safetensors({k: v.numpy() for k, v in model.state_dict().items()}, src)
+  out = str(tmp_path / "converted")
+  assert cli.main(["dinov2", "--src", src, "--out", out, "--input-size", "112"]) == 0
+  params, kwargs = convert.load_dinov2(out)
+  assert kwargs["size"] == "custom" and kwargs["num_heads"] == heads
+  assert {k: kwargs[k] for k in CUSTOM_DIMS} == CUSTOM_DIMS and kwargs["pos_embed_grid"] == 7
+  _, arch = convert.load_params(out)
+  assert arch["source"]["inferred"]["heads_from"] == ("dim // 64" if heads == 3 else "config.json")
+  x = np.random.RandomState(4).rand(2, 112, 112, 3).astype(np.float32)
+  ref_blocks, ref_last = gold.hf_forward(model, x)
+  grid, blocks = run_dinov2(params, kwargs, x)
+  errs = [float(np.abs(b - r).max()) for b, r in zip(blocks, ref_blocks)]
+  err_grid = float(np.abs(grid - ref_last[:, 5:].reshape(2, 8, 8, 192)).max())
+  print(f"custom DINOv2 ({heads} heads, {where}): blocks {errs}, grid {err_grid:.2e}")
+  assert len(blocks) == 4 and max(errs) <= ATOL and err_grid <= ATOL
+  if where == "hf_dir":
+    # The bare file of a 6-head model needs the flag; the flag and config.json must agree.
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    p6, a6, _ = convert.convert_dinov2(sd, input_size=112, num_heads=6)
+    assert a6 == kwargs
+    assert_trees_equal(p6, params)
+    with pytest.raises(ConversionError, match="num_heads=3 was given but config.json says num_attention_heads=6"):
+      convert.load_dinov2(src, num_heads=3)
+
+
+def test_named_size_is_still_validated_and_named():
+  """A file of a named size keeps its name; asking for another size is still refused."""
+  sd = _tiny_hf4_sd()
+  _, arch, info = convert.convert_dinov2(sd)
+  assert arch["size"] == "tiny" and "dim" not in arch
+  assert info["inferred"] == dict(dim=64, depth=2, mlp_hidden=256, swiglu=False, num_heads=4,
+                                  heads_from="named size 'tiny'")
+  with pytest.raises(ConversionError, match=r"architecture mismatch.*size 'S'"):
+    convert.convert_dinov2(sd, size="S")
+  # An explicit head count that is not the named size's makes it a custom model.
+  _, arch, _ = convert.convert_dinov2(sd, num_heads=2)
+  assert arch["size"] == "custom" and arch["num_heads"] == 2
+
+
+def test_dinov2_load_gives_the_config_layout_and_checks_the_architecture(tmp_path):
+  from uae_jax.errors import LoadError
+  from uae_jax.models import dinov2 as dinov2_lib
+  src = os.path.join(GOLDEN, "dinov2_tiny_reg4_hf.safetensors")
+  cfg = dict(kind="dinov2", size="tiny", num_registers=4, input_size=112, pos_embed_grid=18,
+             pos_embed_convention="antialiased_bicubic", final_norm_affine=False,
+             remat_policy="none", scan_blocks=True)
+  scanned = dinov2_lib.load(src, cfg)  # raw file: converted on the fly
+  assert "norm" not in scanned and scanned["blocks"]["mlp"]["fc1"]["kernel"].shape == (2, 64, 256)
+  out = str(tmp_path / "conv")
+  assert cli.main(["dinov2", "--src", src, "--out", out]) == 0
+  unrolled = dinov2_lib.load(out, dict(cfg, scan_blocks=False))
+  np.testing.assert_array_equal(unrolled["blocks_1"]["attn"]["key"]["kernel"],
+                                scanned["blocks"]["attn"]["key"]["kernel"][1])
+  with_norm = dinov2_lib.load(out, dict(cfg, final_norm_affine=True, scan_blocks=False))
+  assert with_norm["norm"]["scale"].shape == (64,)
+  # Custom dims equal to the named size are the same encoder.
+  same = dict(cfg, size="custom", dim=64, depth=2, num_heads=4, mlp_hidden=256)
+  assert sorted(dinov2_lib.load(out, same)) == sorted(scanned)
+  for bad, what in ((dict(cfg, size="S"), "size 'tiny'.*model.encoder.size='S'"),
+                    (dict(cfg, num_registers=0), "num_registers=4 but model.encoder.num_registers=0"),
+                    (dict(cfg, pos_embed_grid=16), "pos_embed_grid=18"),
+                    (dict(same, num_heads=2), "size 'tiny'.*4 heads.*'custom'.*2 heads")):
+    with pytest.raises(LoadError, match=f"{out}: the DINOv2 weights do not fit the config: {what}"):
+      dinov2_lib.load(out, bad)
+
+
+def test_custom_decoder_round_trips_and_load_official_checks_the_config(tmp_path):
+  """A decoder of no named size (width 96, 3 layers, MLP 200, 2 heads) exports and imports;
+  `load_official` lays the UAE out as the config asks and refuses another architecture."""
+  from uae_jax.convert import uae as cuae
+  from uae_jax.errors import LoadError
+  dec_cfg = dict(size="custom", dim=96, depth=3, num_heads=2, mlp_hidden=200, patch_size=8)
+  dec = decoder_lib.PixelDecoder(**dec_cfg)
+  enc = DinoV2(size="tiny", num_registers=4, pos_embed_grid=37, input_size=112)
+  params = random_like_tree({
+      "encoder": init_params(enc, jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)),
+      "decoder": init_params(dec, jax.ShapeDtypeStruct((1, 8, 8, 64), jnp.float32))}, 3)
+  path = str(tmp_path / "custom_uae.safetensors")
+  convert.export_official_uae(params, path, decoder_grid=8)
+  with pytest.raises(ConversionError, match="cannot tell the number of attention heads.*dim 96"):
+    convert.import_official_uae(path, encoder_input_size=112)
+  back, arch = convert.import_official_uae(path, encoder_input_size=112, decoder_num_heads=2)
+  assert arch["decoder"] == dict(dec_cfg)
+  assert_trees_equal(back, params)
+  model_cfg = {"encoder": dict(size="tiny", num_registers=4, input_size=112, pos_embed_grid=37,
+                               pos_embed_convention="antialiased_bicubic",
+                               final_norm_affine=False, scan_blocks=False),
+               "decoder": dict(dec_cfg, scan_blocks=True), "use_modulator": False, "num_bands": 4}
+  loaded = cuae.load_official(path, model_cfg)  # heads from the config's custom decoder
+  assert loaded["decoder"]["blocks"]["mlp"]["fc1"]["kernel"].shape == (3, 96, 200)
+  assert "blocks_0" in loaded["encoder"]
+  np.testing.assert_array_equal(loaded["decoder"]["blocks"]["attn"]["query"]["kernel"][2],
+                                params["decoder"]["blocks_2"]["attn"]["query"]["kernel"])
+  bad = dict(model_cfg, decoder=dict(dec_cfg, mlp_hidden=256))
+  with pytest.raises(LoadError, match=f"{path}: the decoder is size 'custom' .*MLP 200.*MLP 256"):
+    cuae.load_official(path, bad)
+  with pytest.raises(LoadError, match=f"official UAE checkpoint {path} does not match the model: "
+                                      r"missing params \[modulator/"):
+    cuae.load_official(path, dict(model_cfg, use_modulator=True))

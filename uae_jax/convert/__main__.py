@@ -1,21 +1,25 @@
 """Command line: `python -m uae_jax.convert {dinov2, uae-import, uae-export, dino-disc} ...`.
 
   python -m uae_jax.convert dinov2 --src FILE_OR_HF_DIR --out DIR [--variant auto|hf|timm|fair]
-         [--input-size 224] [--size B] [--drop-final-norm]
+         [--input-size 224] [--size B] [--num-heads N] [--drop-final-norm]
   python -m uae_jax.convert uae-import --src FILE --out DIR [--which ema|model]
+         [--encoder-num-heads N] [--decoder-num-heads N]
   python -m uae_jax.convert uae-export --src DIR --out FILE.safetensors [--key-style hf4|hf5]
   python -m uae_jax.convert dino-disc --src FILE --out DIR [--zero-key-bias]
   python -m uae_jax.convert clip --src FILE_OR_HF_DIR --out DIR [--input-size 224] [--drop-post-norm]
   python -m uae_jax.convert siglip2 --src FILE_OR_HF_DIR --out DIR [--drop-final-norm] [--drop-head]
 
-Output directories hold `params.msgpack` + `arch.json` (see uae_jax/convert/flax_io.py).
-Exit status 2 and one message listing every problem on a ConversionError.
+Output directories hold `params.msgpack` + `arch.json` (see uae_jax/convert/flax_io.py). The
+architecture is inferred from the tensor shapes: a named size when one matches, otherwise
+size='custom' with explicit dims. Attention heads are not in the weights: --num-heads, else an HF
+config.json beside the weights, else the matching named size, else width // 64.
+Exit status 2 and one message listing every problem on a ConversionError (a LoadError).
 """
 import argparse
 import json
 import sys
 
-from uae_jax.convert.tables import ConversionError
+from uae_jax.errors import LoadError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument("--variant", default="auto", choices=("auto", "hf", "timm", "fair"))
   d.add_argument("--input-size", type=int, default=224, help="encoder input resolution (px)")
   d.add_argument("--size", default=None, help="expected DinoV2 size (S/B/L/g/tiny); refuse others")
+  d.add_argument("--num-heads", "--num_heads", type=int, default=None,
+                 help="attention heads (default: config.json, the named size, or width // 64)")
   d.add_argument("--drop-final-norm", action="store_true",
                  help="discard the final LayerNorm affine (UAE's encoder has none)")
   ui = sub.add_parser("uae-import", help="official UAE checkpoint -> Flax params")
@@ -35,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
   ui.add_argument("--out", required=True)
   ui.add_argument("--which", default="ema", choices=("ema", "model"))
   ui.add_argument("--encoder-input-size", type=int, default=224)
+  ui.add_argument("--encoder-num-heads", type=int, default=None,
+                  help="encoder heads when the width is no named size (default: width // 64)")
+  ui.add_argument("--decoder-num-heads", type=int, default=None,
+                  help="decoder heads when the width is no named size (default: width // 64)")
   ue = sub.add_parser("uae-export", help="Flax UAE params dir -> official-layout .safetensors")
   ue.add_argument("--src", required=True, help="directory with params.msgpack + arch.json")
   ue.add_argument("--out", required=True, help="output .safetensors file")
@@ -71,12 +81,15 @@ def main(argv=None) -> int:
       from uae_jax.convert import dinov2
       _, arch = dinov2.convert_dinov2_file(args.src, args.out, variant=args.variant,
                                            input_size=args.input_size, size=args.size,
-                                           drop_final_norm=args.drop_final_norm)
+                                           drop_final_norm=args.drop_final_norm,
+                                           num_heads=args.num_heads)
       print(f"wrote {args.out}/params.msgpack and arch.json: DinoV2({json.dumps(arch)})")
     elif args.cmd == "uae-import":
       from uae_jax.convert import uae
       _, arch = uae.import_official_uae_to_dir(args.src, args.out, args.which,
-                                               encoder_input_size=args.encoder_input_size)
+                                               encoder_input_size=args.encoder_input_size,
+                                               encoder_num_heads=args.encoder_num_heads,
+                                               decoder_num_heads=args.decoder_num_heads)
       print(f"wrote {args.out}/params.msgpack and arch.json: encoder DinoV2({json.dumps(arch['encoder'])}),"
             f" decoder PixelDecoder({json.dumps(arch['decoder'])}), recipe {arch['recipe']}")
     elif args.cmd == "uae-export":
@@ -100,7 +113,7 @@ def main(argv=None) -> int:
       _, arch = discriminator.convert_dino_disc_file(args.src, args.out,
                                                      zero_key_bias=args.zero_key_bias)
       print(f"wrote {args.out}/params.msgpack and arch.json: {json.dumps(arch)}")
-  except ConversionError as e:
+  except LoadError as e:  # ConversionError is one
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
