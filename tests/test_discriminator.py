@@ -350,3 +350,31 @@ def test_discriminator_train_mode_updates_spectral_state(tiny_disc):
   assert float(jnp.abs(y_train - y_eval).max()) > 1e-6
   v2 = {"params": v["params"], "spectral": upd["spectral"]}
   np.testing.assert_allclose(apply(v2, x), y_train, atol=1e-6)
+
+
+def test_load_backbone_converts_lays_out_and_checks(tmp_path):
+  """`load_backbone` reads a DINO ViT file for the configured (here tiny) backbone, in the
+  scanned layout when asked, and refuses a file of another architecture, naming it."""
+  from uae_jax.convert import torch_io
+  from uae_jax.errors import LoadError
+  rng = np.random.default_rng(0)
+  d, h, n = TINY["dim"], TINY["mlp_hidden"], (TINY["image_size"] // 8) ** 2
+  sd = {"cls_token": (1, 1, d), "pos_embed": (1, 1 + n, d), "patch_embed.proj.weight": (d, 3, 8, 8),
+        "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,)}
+  for i in range(TINY["depth"]):
+    for name, shape in {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d),
+                        "mlp.fc2": (d, h), "norm1": None, "norm2": None}.items():
+      sd[f"blocks.{i}.{name}.weight"] = shape or (d,)
+      sd[f"blocks.{i}.{name}.bias"] = (shape or (d,))[:1]
+  sd = {k: rng.normal(size=s).astype(np.float32) for k, s in sd.items()}
+  path = str(tmp_path / "dino_tiny.safetensors")
+  torch_io.write_safetensors(sd, path)
+  params = disc.load_backbone(path, TINY)
+  np.testing.assert_array_equal(params["blocks_1"]["attn"]["value"]["kernel"],
+                                sd["blocks.1.attn.qkv.weight"][2 * d:].T)
+  scanned = disc.load_backbone(path, dict(TINY, scan_blocks=True))
+  np.testing.assert_array_equal(scanned["blocks"]["attn"]["value"]["kernel"][1],
+                                params["blocks_1"]["attn"]["value"]["kernel"])
+  with pytest.raises(LoadError, match=f"architecture mismatch in converting {path}.*dim 32, "
+                                      "expected 384"):
+    disc.load_backbone(path, {})  # the default ViT-S/8

@@ -131,3 +131,72 @@ def test_decoder_tiny_forward_adds_imagenet_stats_at_zero_output():
   out = dec.apply(zeroed, z)
   assert out.shape == (2, 64, 64, 3)
   np.testing.assert_allclose(out[0, 0, 0], dinov2.IMAGENET_MEAN, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Explicit (custom) sizes and the decoder's weight init.
+
+def test_custom_sizes_match_named_ones_and_are_validated():
+  named = dinov2.DinoV2(size="B")
+  custom = dinov2.DinoV2(size="custom", dim=768, depth=12, num_heads=12, mlp_hidden=3072)
+  assert custom.spec == named.spec
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  shapes = lambda m: jax.tree.map(lambda x: x.shape, nn.unbox(jax.eval_shape(
+      m.init, jax.random.key(0), images)))
+  assert shapes(custom) == shapes(named)
+  odd = dinov2.DinoV2(size="custom", dim=192, depth=4, num_heads=3, mlp_hidden=384, input_size=112)
+  assert jax.eval_shape(odd.init_with_output, jax.random.key(0), images)[0].shape == (1, 8, 8, 192)
+  with pytest.raises(ValueError, match="needs \\['depth', 'heads', 'mlp_hidden'\\]"):
+    _ = dinov2.DinoV2(size="custom", dim=192).spec
+  with pytest.raises(ValueError, match="size='B' fixes its dims"):
+    _ = dinov2.DinoV2(size="B", dim=192).spec
+  with pytest.raises(ValueError, match="192 is not divisible by 5 heads"):
+    _ = decoder.PixelDecoder(size="custom", dim=192, depth=1, num_heads=5, mlp_hidden=8).spec
+  assert decoder.PixelDecoder(size="custom", dim=1152, depth=28, num_heads=16,
+                              mlp_hidden=4096).spec == decoder.SIZES["XL"]
+
+
+def _decoder_params(weight_init=None, scan=False, seed=0):
+  kw = {} if weight_init is None else {"weight_init": weight_init}
+  dec = decoder.PixelDecoder(size="custom", dim=128, depth=2, num_heads=2, mlp_hidden=256,
+                             patch_size=4, scan_blocks=scan, **kw)
+  return dec.init(jax.random.key(seed), jnp.zeros((1, 4, 4, 96)))["params"]
+
+
+def test_default_decoder_init_is_unchanged():
+  """weight_init='jax' (the default) is bit-identical to not setting it: LeCun-normal kernels
+  (truncated normal, std 1/sqrt(fan_in)) and zero biases."""
+  default, jax_init = nn.unbox(_decoder_params()), nn.unbox(_decoder_params("jax"))
+  jax.tree.map(np.testing.assert_array_equal, default, jax_init)
+  k = np.asarray(default["blocks_0"]["mlp"]["fc1"]["kernel"])  # (128, 256)
+  assert abs(k.std() * np.sqrt(128) - 1.0) < 0.05
+  assert np.all(np.asarray(default["blocks_0"]["mlp"]["fc1"]["bias"]) == 0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_torch_default_decoder_init_is_uniform_in_fan_in_bounds(scan):
+  """Every Linear kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch's nn.Linear;
+  LayerNorms, the CLS token and the logical axis metadata are as with the default init."""
+  boxed = _decoder_params("torch_default", scan)
+  ref_boxed = _decoder_params(None, scan)
+  names = lambda t: jax.tree.map(lambda x: getattr(x, "names", None), t,
+                                 is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert names(boxed) == names(ref_boxed)
+  p, ref = nn.unbox(boxed), nn.unbox(ref_boxed)
+  flat = {"/".join(str(k.key) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_leaves_with_path(p)}
+  dense = sorted({k.rsplit("/", 1)[0] for k in flat if k.endswith("kernel")})
+  assert len(dense) == 2 + 6 * (1 if scan else 2)  # embed, pred; q, k, v, proj, fc1, fc2
+  for layer in dense:
+    kernel, bias = flat[layer + "/kernel"], flat[layer + "/bias"]
+    bound = 1.0 / np.sqrt(kernel.shape[-2])
+    for x in (kernel, bias):
+      assert np.all(np.abs(x) <= bound), layer
+      u = x.reshape(-1) / bound  # U(-1, 1): mean 0, variance 1/3
+      tol = 4.0 / np.sqrt(u.size)
+      assert abs(u.mean()) < tol * 0.6 and abs(u.var() - 1 / 3) < tol * 0.3, layer
+    assert np.abs(kernel).max() > 0.98 * bound  # the whole interval is used
+  for key in ("norm", "cls_token"):
+    jax.tree.map(np.testing.assert_array_equal, p[key], ref[key])
+  with pytest.raises(ValueError, match="weight_init='xavier'"):
+    _decoder_params("xavier")
