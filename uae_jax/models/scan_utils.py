@@ -13,11 +13,11 @@ directories, exports) uses the unrolled layout. Convert at the boundary:
   params = scan_utils.stack_blocks(converted_params)      # load into a scanned model
   flat = scan_utils.unstack_blocks(jax.device_get(params))  # before export / conversion
 
-Both directions are exact copies (no arithmetic), so a round trip is bit-exact. The trainer
-applies `match_layout` to converted weights (init.dinov2, init.official_uae); stage chaining
-(init.from_stage) between a scanned and an unrolled run is refused by `checkpoint_layout_error`.
+Both directions are exact copies (no arithmetic), so a round trip is bit-exact. The model
+loaders (`dinov2.load`, `discriminator.load_backbone`, `convert.uae.load_official`) apply the
+layout the config asks for; stage chaining (init.from_stage) between a scanned and an unrolled
+run is refused by `uae_jax.checkpoint.layout.checkpoint_layout_error` (models never read Orbax).
 """
-import os
 import re
 from typing import Any, Mapping, Optional
 
@@ -117,45 +117,3 @@ def match_layout(params: Mapping, model_config: Mapping) -> dict:
 def to_layout(component_params: Mapping, scanned: bool) -> dict:
   """One model's params (e.g. the encoder) stacked if `scanned`, unrolled otherwise."""
   return stack_blocks(component_params) if scanned else unstack_blocks(component_params)
-
-
-def _saved_state_tree(directory: str):
-  """Orbax metadata tree of the newest saved 'state' under a workdir or checkpoints dir."""
-  import orbax.checkpoint as ocp
-  from uae_jax.checkpoint import manager as ckpt_lib
-  directory = os.path.abspath(directory)
-  ckpt_dir = directory if os.path.basename(directory) == "checkpoints" else os.path.join(
-      directory, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
-    return None
-  mgr = ocp.CheckpointManager(ckpt_dir, item_names=ckpt_lib.ITEMS,
-                              item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  try:
-    step = mgr.latest_step()
-    if step is None:
-      return None
-    meta = mgr.item_metadata(step)["state"]
-    return getattr(meta, "tree", meta)
-  finally:
-    mgr.close()
-
-
-def checkpoint_layout_error(directory: str, target_params: Mapping,
-                            subtree: str = "ema") -> Optional[str]:
-  """A message if the saved `state[subtree]` and `target_params` differ in block layout, else None."""
-  saved = _saved_state_tree(directory)
-  if not saved or subtree not in saved:
-    return None  # nothing to compare; the restore itself reports missing checkpoints
-  problems = []
-  for comp in COMPONENTS:
-    if comp not in saved[subtree] or comp not in target_params:
-      continue
-    have, want = is_stacked(saved[subtree][comp]), is_stacked(target_params[comp])
-    if None not in (have, want) and have != want:
-      problems.append(f"model.{comp}.scan_blocks: checkpoint was saved with "
-                      f"scan_blocks={have}, this config has scan_blocks={want}")
-  if not problems:
-    return None
-  return (f"init.from_stage={directory!r} has a different block layout: " + "; ".join(problems)
-          + ". Use the same model.*.scan_blocks as the previous stage, or convert its params "
-          "with uae_jax.models.scan_utils.stack_blocks / unstack_blocks.")
