@@ -114,18 +114,16 @@ def saved_activation_bytes_per_image(config, params_abs, lpips_abs) -> int:
   import jax.numpy as jnp
   import numpy as np
 
-  from uae_jax import steps as steps_lib
+  from uae_jax.tasks import uae as uae_task
   from uae_jax.losses import reconstruction
 
-  model = steps_lib.build_model(config)
-  lc = config.loss
-  dtype = steps_lib.compute_dtype(config)
+  model = uae_task.build_model(config)
+  dtype = uae_task.compute_dtype(config)
   strip = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
   params_abs, lpips_abs = strip(params_abs), strip(lpips_abs)
 
   def loss(params, x, lp):
-    out = model.apply({"params": params}, x, train=True, noise_tau=lc.noise_tau,
-                      k_base=lc.k_base, p_band=lc.p_band, rngs={"noise": jax.random.key(0)})
+    out = model.apply({"params": params}, x, train=True, rngs={"noise": jax.random.key(0)})
     return (reconstruction.l1_loss(out["recon"], x)
             + reconstruction.lpips_loss(lp, out["recon"], x, dtype))
 
@@ -154,7 +152,7 @@ def measure(n_devices: int, data: int, fsdp: int, variant: str, stage: int,
 
   from configs import stage1, stage2, stage3
   from uae_jax import sharding as sharding_lib
-  from uae_jax import steps as steps_lib
+  from uae_jax.tasks import uae as uae_task
   from uae_jax.models import lpips as lpips_lib
 
   if jax.device_count() != n_devices:
@@ -170,22 +168,21 @@ def measure(n_devices: int, data: int, fsdp: int, variant: str, stage: int,
   batch_sh = sharding_lib.batch_sharding(mesh)
   repl = sharding_lib.replicated(mesh)
   size = config.input.image_size
-  one = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-  boxed = jax.eval_shape(functools.partial(steps_lib.init_state, config), jax.random.key(0), one)
+  one = jnp.zeros((1, size, size, 3), jnp.float32)
+  boxed = jax.eval_shape(functools.partial(uae_task.init_state, config), jax.random.key(0))
   state_sh = sharding_lib.logical_shardings(boxed, mesh, config.sharding_rules)
   sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
   state = jax.tree.map(sds, nn.unbox(boxed), state_sh)
   gb = config.input.global_batch_size
-  batch = {"image": jax.ShapeDtypeStruct((gb, size, size, 3), jnp.float32, sharding=batch_sh),
-           "label": jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=batch_sh)}
+  batch = {"image": jax.ShapeDtypeStruct((gb, size, size, 3), jnp.float32, sharding=batch_sh)}
   lpips = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.float32, sharding=repl),
                        lpips_lib.load_lpips_params("vgg16"))
-  disc = None
+  frozen = {"lpips": lpips}
   if config.gan.enabled:
-    abs_bb = jax.eval_shape(functools.partial(steps_lib.init_disc_backbone, config),
-                            jax.random.key(0), one)
+    abs_bb = jax.eval_shape(lambda k: uae_task.build_discriminator(config).init(k, one)["params"]
+                            ["backbone"], jax.random.key(0))
     bb_sh = sharding_lib.logical_shardings(abs_bb, mesh, config.sharding_rules)
-    disc = jax.tree.map(sds, nn.unbox(abs_bb), bb_sh)
+    frozen["disc_backbone"] = jax.tree.map(sds, nn.unbox(abs_bb), bb_sh)
 
   def shard_bytes(tree):
     return int(sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -197,11 +194,11 @@ def measure(n_devices: int, data: int, fsdp: int, variant: str, stage: int,
   act_per_image = saved_activation_bytes_per_image(config, state["params"], lpips)
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
   state_bytes = {k: shard_bytes(v) for k, v in state.items()}
-  step = jax.jit(steps_lib.make_train_step(config),
-                 in_shardings=(state_sh, {"image": batch_sh, "label": batch_sh}, None, None),
+  step = jax.jit(uae_task.make_train_step(config),
+                 in_shardings=(state_sh, {"image": batch_sh}, None),
                  out_shardings=(state_sh, None), donate_argnums=(0,))
   t0 = time.perf_counter()
-  lowered = step.lower(state, batch, lpips, disc)
+  lowered = step.lower(state, batch, frozen)
   t_lower = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()
@@ -221,7 +218,7 @@ def measure(n_devices: int, data: int, fsdp: int, variant: str, stage: int,
       "state_total_bytes": total_bytes(state),
       "state_bytes_per_device": sum(state_bytes.values()),
       "state_bytes_per_device_by_key": state_bytes,
-      "frozen_inputs_bytes_per_device": shard_bytes(lpips) + (shard_bytes(disc) if disc else 0),
+      "frozen_inputs_bytes_per_device": shard_bytes(frozen),
       "saved_activation_bytes_per_image": act_per_image,
       "saved_activation_bytes_per_device": act_per_image * per_device_batch,
       "memory": mem_d,

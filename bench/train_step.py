@@ -63,19 +63,19 @@ def bench_one(name: str, stage: int, steps: int, peak: float) -> dict:
     batches = []
     for _ in range(steps + 2):
       b = next(it)
-      batches.append(pipeline.to_global_array({"image": b["image"], "label": b["label"]}, tr.batch_sh))
+      batches.append(pipeline.to_global_array({"image": b["image"]}, tr.ctx.batch_sh))
     t = time.perf_counter()
-    compiled = tr.train_step.lower(state, batches[0], tr.lpips_params, tr.disc_backbone).compile()
+    compiled = tr.train_step.lower(state, batches[0], tr.frozen).compile()
     compile_s = time.perf_counter() - t
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
     for b in batches[:2]:  # warm-up
-      state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
+      state, m = tr.train_step(state, b, tr.frozen)
     jax.block_until_ready(m)
     t = time.perf_counter()
     for b in batches[2:]:
-      state, m = tr.train_step(state, b, tr.lpips_params, tr.disc_backbone)
+      state, m = tr.train_step(state, b, tr.frozen)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t) / steps
     tr.close()

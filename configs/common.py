@@ -1,4 +1,4 @@
-"""Shared pieces of the stage configs: the full-size base and the CPU-sized `tiny` overrides.
+"""Shared pieces of the configs: argument parsing, the tokenizer base and its CPU-sized `tiny`.
 
 A config file's `get_config(arg)` takes a big_vision-style argument string, e.g.
 `--config=configs/stage3.py:tiny` or `--config=configs/stage1.py:tiny,steps=40`.
@@ -24,16 +24,21 @@ def parse_arg(arg, **defaults):
   return out
 
 
-def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
-  """The full-size paper recipe of one stage (DINOv2-B with registers, ViT-XL decoder)."""
+def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
+  """Full-size defaults shared by every tokenizer stage (DINOv2-B with registers, ViT-XL decoder).
+
+  The stage switches (`train.encoder_trainable`, `loss.semantic`, `model.noise_tau`,
+  `gan.enabled`) are left off here; each `configs/stage*.py` writes the ones it turns on.
+  """
   c = ml_collections.ConfigDict()
-  c.stage = stage
-  c.recipe = recipe
+  c.task = "uae"
+  c.stage = 0                        # a label for logs and checkpoints; no code branches on it
+  c.recipe = recipe                  # 'paper' | 'official' (docs/method.md)
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.encoder = ml_collections.ConfigDict(dict(
-      size="B", num_registers=4, input_size=224, pos_embed_grid=37,
+      kind="dinov2", size="B", num_registers=4, input_size=224, pos_embed_grid=37,
       pos_embed_convention="antialiased_bicubic", final_norm_affine=False, remat_policy="none",
       scan_blocks=False))
   # remat_policy: 'none' | 'full' | 'dots' | 'dots_no_batch'. scan_blocks: one nn.scan over
@@ -43,8 +48,13 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
   c.model.num_bands = 4
   c.model.band_edges = ()           # () = e_k = k*sqrt(2)/K
   c.model.band_tau = 0.02
-  c.model.band_method = "matmul"
+  c.model.band_method = "matmul"    # 'matmul' (MXU fast path) | 'fft' (reference)
+  c.model.band_split = "lowpass"    # 'lowpass' (disjoint annuli) | 'residual_bandpass'
   c.model.use_modulator = recipe == "paper"
+  c.model.k_base = 1                # bands below k_base are semantic: aligned, never noised
+  c.model.noise_tau = 0.0           # train-mode latent noise scale (sigma = noise_tau * U(0,1))
+  c.model.p_band = 1.0              # probability that each high band is noised
+  # Official recipe only: DCT zig-zag low-pass of the latent.
   c.model.dct_enabled = False
   c.model.dct_count = 36
   c.model.dct_count_min = 32
@@ -66,20 +76,19 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 16.0
   c.train.total_steps = -1           # -1: num_epochs * num_train_examples // global batch
-  c.train.encoder_trainable = stage > 1
+  c.train.encoder_trainable = False
 
   c.optim = ml_collections.ConfigDict(dict(
       peak_lr=2e-4, end_lr=2e-5, warmup_epochs=1.0, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.0, grad_clip=0.0, ema_decay=0.9978))
 
   c.loss = ml_collections.ConfigDict(dict(
-      l1=1.0, lpips=1.0, semantic=0.0 if stage == 1 else 0.5, k_base=1,
-      noise_tau=0.8 if stage == 3 else 0.0, p_band=1.0,
+      l1=1.0, lpips=1.0, semantic=0.0,
       # Official recipe only: clean-reconstruction pass and zig-zag semantic loss.
       clean_l1=0.0, clean_lpips=0.0, semantic_first_k=64))
 
   c.gan = ml_collections.ConfigDict(dict(
-      enabled=stage == 3, backbone="S8", weight=0.75, max_weight=1e4, d_start_frac=6 / 16,
+      enabled=False, backbone="S8", weight=0.75, max_weight=1e4, d_start_frac=6 / 16,
       g_start_frac=8 / 16, translation=0.125, cutout=0.0, disc_lr=2e-4, disc_end_lr=2e-5,
       disc_backbone_path=""))
 
@@ -87,6 +96,7 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
       dinov2="",            # converted DINOv2 dir (python -m uae_jax.convert dinov2 ...)
       official_uae="",      # official PyTorch UAE checkpoint to import (official recipe)
       from_stage="",        # previous stage's workdir (or checkpoint dir): start from its EMA
+      allow_unfinished=False,  # accept a from_stage run that stopped before its last step
       allow_random_encoder=False))
 
   c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
@@ -105,8 +115,8 @@ def base_config(stage: int, recipe: str = "paper") -> ml_collections.ConfigDict:
   return c
 
 
-def apply_tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
-  """Shrinks a config so it runs on this 2-core CPU: tiny encoder/decoder, 64 px, bundled photos."""
+def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
+  """Shrinks a tokenizer config so it runs on this 2-core CPU: tiny encoder/decoder, 64 px, photos."""
   # 64 px images, encoder input 112 px -> an 8 x 8 latent grid, decoder patch 8 -> 64 px again.
   c.model.encoder.update(size="tiny", input_size=112, pos_embed_grid=8)
   c.model.decoder.update(size="tiny", patch_size=8)

@@ -1,5 +1,7 @@
-"""Official-code recipe, stage 1 (reference §2.5): frozen encoder, noise tau 0.8 on every token,
-no DCT, L1 + LPIPS + GAN (D from epoch 6, G from epoch 8 of 16). Variants: `:tiny`.
+"""Official-code recipe, stage 1: frozen encoder, noise 0.8 on every token, no DCT, L1 + LPIPS +
+GAN (D from epoch 6, G from epoch 8 of 16). See docs/method.md#official-code-recipe.
+
+Variants: `:tiny`, `:tiny,steps=N`.
 """
 from configs import common
 
@@ -7,7 +9,14 @@ from configs import common
 def get_config(arg=None):
   """Official stage-1 config."""
   a = common.parse_arg(arg, tiny=False, steps=60)
-  c = common.base_config(stage=1, recipe="official")
-  c.loss.noise_tau = 0.8
+  c = common.uae_base(recipe="official")
+  c.stage = 1
+  c.train.encoder_trainable = False
+  c.loss.semantic = 0.0
+  c.model.noise_tau = 0.8
+  c.model.dct_enabled = False
   c.gan.enabled = True
-  return common.apply_tiny(c, a.steps) if a.tiny else c
+
+  if a.tiny:
+    common.tiny(c, a.steps)
+  return c

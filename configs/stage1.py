@@ -1,6 +1,6 @@
 """Paper recipe, stage 1: encoder frozen; train the modulator and the decoder on L_rec; no noise.
 
-Variants: `configs/stage1.py:tiny` (this CPU), `:tiny,steps=N`.
+Set `--config.init.dinov2=<converted DINOv2 dir>`. Variants: `:tiny` (this CPU), `:tiny,steps=N`.
 """
 from configs import common
 
@@ -8,5 +8,13 @@ from configs import common
 def get_config(arg=None):
   """Stage-1 config (full size unless `tiny`)."""
   a = common.parse_arg(arg, tiny=False, steps=60)
-  c = common.base_config(stage=1)
-  return common.apply_tiny(c, a.steps) if a.tiny else c
+  c = common.uae_base(recipe="paper")
+  c.stage = 1
+  c.train.encoder_trainable = False
+  c.loss.semantic = 0.0
+  c.model.noise_tau = 0.0
+  c.gan.enabled = False
+
+  if a.tiny:
+    common.tiny(c, a.steps)
+  return c

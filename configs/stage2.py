@@ -1,4 +1,4 @@
-"""Paper recipe, stage 2: from the stage-1 EMA, everything trainable, L_rec + w_sem * L_sem.
+"""Paper recipe, stage 2: from the stage-1 EMA; everything trainable; L_rec + 0.5 * L_sem.
 
 Set `--config.init.from_stage=<stage-1 workdir>`. Variants: `:tiny`, `:tiny,steps=N`.
 """
@@ -8,5 +8,13 @@ from configs import common
 def get_config(arg=None):
   """Stage-2 config (full size unless `tiny`)."""
   a = common.parse_arg(arg, tiny=False, steps=60)
-  c = common.base_config(stage=2)
-  return common.apply_tiny(c, a.steps) if a.tiny else c
+  c = common.uae_base(recipe="paper")
+  c.stage = 2
+  c.train.encoder_trainable = True
+  c.loss.semantic = 0.5
+  c.model.noise_tau = 0.0
+  c.gan.enabled = False
+
+  if a.tiny:
+    common.tiny(c, a.steps)
+  return c

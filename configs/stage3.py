@@ -1,6 +1,7 @@
-"""Paper recipe, stage 3: from the stage-2 EMA; L_rec + w_sem * L_sem + GAN, noise on high bands.
+"""Paper recipe, stage 3: from the stage-2 EMA; L_rec + 0.5 * L_sem + GAN, noise on high bands.
 
-Set `--config.init.from_stage=<stage-2 workdir>`. Variants: `:tiny`, `:tiny,steps=N`.
+Set `--config.init.from_stage=<stage-2 workdir>` and `--config.gan.disc_backbone_path=<DINO
+ViT-S/8>`. Variants: `:tiny`, `:tiny,steps=N`.
 """
 from configs import common
 
@@ -8,5 +9,14 @@ from configs import common
 def get_config(arg=None):
   """Stage-3 config (full size unless `tiny`)."""
   a = common.parse_arg(arg, tiny=False, steps=60)
-  c = common.base_config(stage=3)
-  return common.apply_tiny(c, a.steps) if a.tiny else c
+  c = common.uae_base(recipe="paper")
+  c.stage = 3
+  c.train.encoder_trainable = True
+  c.loss.semantic = 0.5
+  c.model.noise_tau = 0.8           # band-limited noise on bands >= model.k_base
+  c.model.p_band = 1.0
+  c.gan.enabled = True              # D from 6/16 of the stage, the G term from 8/16
+
+  if a.tiny:
+    common.tiny(c, a.steps)
+  return c

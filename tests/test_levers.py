@@ -143,9 +143,8 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
   assert all(np.isfinite(m["loss"]) for m in metrics)
   # The matmuls really run in bfloat16.
   hlo = tr.train_step.lower(tr.state_abs, {
-      "image": jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32, sharding=tr.batch_sh),
-      "label": jax.ShapeDtypeStruct((8,), jnp.int32, sharding=tr.batch_sh)},
-      tr.lpips_params, tr.disc_backbone).as_text()
+      "image": jax.ShapeDtypeStruct((8, 64, 64, 3), jnp.float32, sharding=tr.ctx.batch_sh)},
+      tr.frozen).as_text()
   assert "bf16" in hlo and "dot_general" in hlo
 
 

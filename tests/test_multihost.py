@@ -96,9 +96,9 @@ def _single_process_losses(workdir):
   losses = []
   for _ in range(STEPS):
     parts = [next(h) for h in hosts]
-    batch = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "label")}
-    state, m = tr.train_step(state, pipeline.to_global_array(batch, tr.batch_sh),
-                             tr.lpips_params, tr.disc_backbone)
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in tr.batch_keys}
+    state, m = tr.train_step(state, pipeline.to_global_array(batch, tr.ctx.batch_sh),
+                             tr.frozen)
     losses.append(jax.device_get(m))
   tr.close()
   return losses

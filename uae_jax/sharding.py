@@ -1,4 +1,5 @@
 """Mesh construction and the mapping from logical parameter axes to mesh shardings."""
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -60,3 +61,33 @@ def logical_shardings(boxed_tree, mesh, rules) -> Any:
   rules = dict(rules)
   return jax.tree.map(lambda x: _leaf_sharding(x, mesh, rules), boxed_tree,
                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a run's arrays live: the mesh, the batch sharding and the state's shardings."""
+  mesh: jax.sharding.Mesh
+  state_sh: Any          # NamedSharding per state leaf
+  state_abs: Any         # ShapeDtypeStructs of the state carrying those shardings
+
+  @property
+  def batch_sh(self) -> NamedSharding:
+    """Batch dimension over every mesh axis."""
+    return batch_sharding(self.mesh)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    """Fully replicated."""
+    return replicated(self.mesh)
+
+  def place(self, tree, shardings):
+    """Host arrays -> global arrays with the given shardings (one sharding or a matching tree)."""
+    if isinstance(shardings, jax.sharding.Sharding):
+      return jax.tree.map(lambda x: jax.device_put(np.asarray(x), shardings), tree)
+    return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+
+
+def abstract_with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying concrete shardings (what Orbax needs to restore in place)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)

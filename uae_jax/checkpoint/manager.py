@@ -13,11 +13,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from uae_jax.errors import CheckpointError
+
 ITEMS = ("state", "data_iter", "meta")
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint is missing, incomplete or does not match the expected state."""
+def checkpoint_dir(path: str) -> str:
+  """The checkpoints directory of a workdir (or the directory itself if it is one), absolute."""
+  path = path if "://" in path else os.path.abspath(path)
+  return path if epath.Path(path).name == "checkpoints" else str(epath.Path(path) / "checkpoints")
 
 
 def _restore_args(abstract):
@@ -61,6 +65,13 @@ class CheckpointManager:
       raise CheckpointError(f"cannot restore step {step} from {self.directory}: {e}") from e
     return out["state"]
 
+  def restore_latest(self, abstract_state: Any, data_iter: Any = None):
+    """(state, step) of the newest checkpoint, restored like `restore`; None if there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    return self.restore(step, abstract_state, data_iter), step
+
   def meta(self, step: int) -> dict:
     """The JSON metadata saved with `step`."""
     return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -75,13 +86,14 @@ class CheckpointManager:
     self._mgr.close()
 
 
-def restore_subtrees(directory: str, abstract_subtrees: dict, step: Optional[int] = None) -> dict:
+def restore_subtrees(directory: str, abstract_subtrees: dict, step: Optional[int] = None,
+                     with_progress: bool = False):
   """Partial restore of some top-level entries of a saved 'state' (e.g. {'ema', 'teacher'}).
 
   Used to start a stage from the previous stage's workdir; only the named subtrees are read.
+  With `with_progress`, returns (subtrees, step, total_steps of that run or None if unrecorded).
   """
-  path = epath.Path(directory if "://" in directory else os.path.abspath(directory))
-  ckpt_dir = str(path if path.name == "checkpoints" else path / "checkpoints")
+  ckpt_dir = checkpoint_dir(directory)
   if not epath.Path(ckpt_dir).is_dir():
     raise CheckpointError(f"no checkpoints directory at {ckpt_dir}")
   mgr = ocp.CheckpointManager(ckpt_dir, item_names=ITEMS)
@@ -96,5 +108,12 @@ def restore_subtrees(directory: str, abstract_subtrees: dict, step: Optional[int
   except (ValueError, KeyError) as e:
     raise CheckpointError(f"cannot read {sorted(abstract_subtrees)} from {ckpt_dir} step {step}: "
                           f"{e}") from e
+  total = None
+  if with_progress:
+    try:
+      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      total = meta.get("total_steps")
+    except (ValueError, KeyError, FileNotFoundError):
+      total = None
   mgr.close()
-  return out
+  return (out, step, total) if with_progress else out

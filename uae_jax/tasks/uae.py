@@ -1,0 +1,425 @@
+"""The UAE tokenizer task: both recipes, all stages. Pure functions; I/O only through `load`s.
+
+The train state is a plain dict pytree:
+  step      int32 scalar
+  rng       uint32[2] key data (checkpointable)
+  params    UAE params {'encoder', 'decoder'[, 'modulator']}
+  ema       EMA of params (frozen subtrees are copied, not averaged)
+  opt       generator optax state
+  teacher   frozen copy of the initial pretrained encoder params (semantic loss target)
+  disc      {'params': heads, 'spectral': u/v} and disc_opt, only when the stage has a GAN
+The step's frozen inputs are {'lpips': VGG16 LPIPS[, 'disc_backbone': DINO ViT-S/8]}: they never
+change, are not donated and are not checkpointed per step.
+
+A stage is a config: which subtrees train (`train.encoder_trainable`), the loss weights, the
+noise scale (`model.noise_tau`) and whether the GAN is on (`gan.enabled`) are all written out in
+`configs/stage*.py`; nothing here branches on a stage number.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from etils import epath
+
+from uae_jax import tasks
+from uae_jax.checkpoint import manager as ckpt_lib
+from uae_jax.errors import ConfigError
+from uae_jax.losses import diffaug
+from uae_jax.losses import gan
+from uae_jax.losses import reconstruction
+from uae_jax.losses import semantic
+from uae_jax.models import bands as bands_lib
+from uae_jax.models import discriminator as disc_lib
+from uae_jax.models import encoders
+from uae_jax.models import lpips as lpips_lib
+from uae_jax.models import scan_utils
+from uae_jax.models import uae as uae_lib
+from uae_jax.tasks import common
+from uae_jax.tasks.common import compute_dtype, total_steps  # noqa: F401  (part of the task's API)
+
+# Path of the decoder's last layer: the VQGAN adaptive weight compares gradients there.
+LAST_LAYER = ("decoder", "pred", "kernel")
+
+DISC_SIZES = {
+    "S8": {},  # DINO v1 ViT-S/8 defaults of the module
+    "tiny": dict(dim=32, depth=4, num_heads=2, mlp_hidden=64, image_size=32, key_depths=(0, 1, 2, 3)),
+}
+
+
+# ------------------------------------------------------------------------------ models
+def build_model(config) -> nn.Module:
+  """The UAE module of `config.recipe` described by `config.model`."""
+  m, loss = config.model, config.loss
+  common_kw = dict(encoder=dict(m.encoder), decoder=dict(m.decoder), noise_tau=m.noise_tau,
+                   dtype=compute_dtype(config))
+  if config.recipe == "paper":
+    return uae_lib.PaperUAE(
+        **common_kw, num_bands=m.num_bands, band_edges=tuple(m.band_edges) or None,
+        band_tau=m.band_tau, band_method=m.band_method, band_split=m.band_split,
+        use_modulator=m.use_modulator, k_base=m.k_base, p_band=m.p_band)
+  return uae_lib.OfficialUAE(
+      **common_kw, dct_enabled=m.dct_enabled, dct_count=m.dct_count, dct_count_min=m.dct_count_min,
+      dct_count_max=m.dct_count_max, dct_apply_prob=m.dct_apply_prob,
+      clean_pass=loss.clean_l1 > 0 or loss.clean_lpips > 0)
+
+
+def build_discriminator(config) -> disc_lib.Discriminator:
+  """The DINO discriminator named by `config.gan.backbone`."""
+  return disc_lib.Discriminator(**DISC_SIZES[config.gan.backbone], dtype=compute_dtype(config))
+
+
+def param_groups(config) -> tuple:
+  """Top-level param subtrees of the UAE for this config."""
+  with_mod = config.recipe == "paper" and config.model.use_modulator
+  return ("encoder", "decoder") + (("modulator",) if with_mod else ())
+
+
+def trainable_labels(config) -> dict:
+  """'train' / 'frozen' label per top-level param subtree (`train.encoder_trainable`)."""
+  return {k: ("train" if (k != "encoder" or config.train.encoder_trainable) else "frozen")
+          for k in param_groups(config)}
+
+
+def make_optimizers(config) -> tuple:
+  """(generator optimiser with frozen subtrees zeroed, discriminator optimiser, lr schedule)."""
+  total, warmup = total_steps(config), common.warmup_steps(config)
+  sched = common.lr_schedule(config.optim.peak_lr, config.optim.end_lr, warmup, total)
+  gen = optax.multi_transform({"train": common.adamw(sched, config.optim),
+                               "frozen": optax.set_to_zero()}, trainable_labels(config))
+  # The official D scheduler only steps on D updates, so it warms up from the D start and its
+  # cosine never completes; optax's own update count (it only counts D updates) does the same.
+  d_sched = common.lr_schedule(config.gan.disc_lr, config.gan.disc_end_lr, warmup, total)
+  return gen, common.adamw(d_sched, config.optim), sched
+
+
+# ------------------------------------------------------------------------------ config and state
+def validate(config) -> None:
+  """Checks the tokenizer config before any compute; raises ConfigError naming the key."""
+  if config.recipe not in uae_lib.RECIPES:
+    raise ConfigError(f"recipe={config.recipe!r}: expected one of {sorted(uae_lib.RECIPES)}")
+  compute_dtype(config)
+  if config.gan.backbone not in DISC_SIZES:
+    raise ConfigError(f"gan.backbone={config.gan.backbone!r}: expected one of {sorted(DISC_SIZES)}")
+  init = config.init
+  for key in ("dinov2", "official_uae", "from_stage"):
+    if init[key] and not epath.Path(init[key]).exists():
+      raise ConfigError(f"init.{key}={init[key]!r} does not exist")
+  if config.gan.disc_backbone_path and not epath.Path(config.gan.disc_backbone_path).exists():
+    raise ConfigError(f"gan.disc_backbone_path={config.gan.disc_backbone_path!r} does not exist")
+  if not (init.dinov2 or init.from_stage or init.official_uae or init.allow_random_encoder):
+    raise ConfigError("no initialisation: set init.dinov2 (stage 1), init.from_stage (stages 2-3) "
+                      "or init.official_uae, or init.allow_random_encoder=True for a toy run")
+  if init.official_uae and config.loss.semantic > 0 and not (init.dinov2 or init.allow_random_encoder):
+    raise ConfigError("init.official_uae with loss.semantic > 0 needs init.dinov2: the semantic "
+                      "teacher is the original pretrained encoder, not the imported fine-tuned one")
+  if config.gan.enabled and not config.gan.disc_backbone_path and not init.allow_random_encoder:
+    raise ConfigError("gan.enabled needs gan.disc_backbone_path (DINO ViT-S/8 weights)")
+  if config.gan.enabled and max(config.gan.d_start_frac, config.gan.g_start_frac) > 1:
+    raise ConfigError("gan.d_start_frac and gan.g_start_frac are fractions of the stage (<= 1)")
+  grid = config.model.encoder.input_size // 14
+  if config.input.image_size != config.model.decoder.patch_size * grid:
+    raise ConfigError(f"input.image_size={config.input.image_size} must be model.decoder.patch_size "
+                      f"({config.model.decoder.patch_size}) x the encoder grid ({grid}) so the "
+                      "reconstruction has the input's size")
+
+
+def batch_spec(config) -> dict:
+  """One example of a train batch: an image in [0, 1]."""
+  s = config.input.image_size
+  return {"image": jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)}
+
+
+def init_state(config, rng) -> dict:
+  """Fresh train state (boxed params, for sharding inference)."""
+  images = jnp.zeros(batch_spec(config)["image"].shape, jnp.float32)
+  k_model, k_disc, k_state = jax.random.split(rng, 3)
+  params = build_model(config).init({"params": k_model, "noise": k_model}, images,
+                                    train=False)["params"]
+  gen_opt, disc_opt, _ = make_optimizers(config)
+  state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(k_state),
+           "params": params, "ema": params, "opt": gen_opt.init(params),
+           "teacher": params["encoder"]}
+  if config.gan.enabled:
+    dv = build_discriminator(config).init(k_disc, 2.0 * images - 1.0)
+    state["disc"] = {"params": dv["params"]["heads"], "spectral": dv[disc_lib.SPECTRAL]}
+    state["disc_opt"] = disc_opt.init(dv["params"]["heads"])
+  return state
+
+
+def load_frozen(config) -> dict:
+  """Host params of the frozen inputs: LPIPS VGG16 and (stage 3) the DINO discriminator backbone."""
+  frozen = {"lpips": lpips_lib.load_lpips_params("vgg16")}
+  if config.gan.enabled:
+    disc_kw = DISC_SIZES[config.gan.backbone]
+    if config.gan.disc_backbone_path:
+      frozen["disc_backbone"] = disc_lib.load_backbone(config.gan.disc_backbone_path, disc_kw)
+    else:
+      logging.warning("=" * 78 + "\nDISCRIMINATOR BACKBONE IS RANDOM (gan.disc_backbone_path "
+                      "unset). Fine for toy runs only.\n" + "=" * 78)
+      x = jnp.zeros(batch_spec(config)["image"].shape, jnp.float32)
+      frozen["disc_backbone"] = nn.unbox(build_discriminator(config).init(
+          jax.random.key(config.seed + 7), x)["params"]["backbone"])
+  return frozen
+
+
+def _copy(tree):
+  """Distinct buffers for trees that appear twice in the donated state (params and EMA)."""
+  return jax.tree.map(jnp.copy, tree)
+
+
+def initialize(config, state: dict, ctx) -> dict:
+  """Start-of-stage weights: previous stage's EMA, an official checkpoint, or DINOv2."""
+  init = config.init
+  p_sh, p_abs = ctx.state_sh["params"], ctx.state_abs["params"]
+  if init.from_stage:
+    from uae_jax.checkpoint import layout as ckpt_layout  # pylint: disable=g-import-not-at-top
+    logging.info("init: EMA params and teacher from the previous stage at %s", init.from_stage)
+    layout_error = ckpt_layout.checkpoint_layout_error(init.from_stage, p_abs)
+    if layout_error:
+      raise ConfigError(layout_error)
+    prev, prev_step, prev_total = ckpt_lib.restore_subtrees(
+        init.from_stage, {"ema": p_abs, "teacher": ctx.state_abs["teacher"]}, with_progress=True)
+    if prev_total is not None and prev_step < prev_total and not init.allow_unfinished:
+      raise ConfigError(f"init.from_stage={init.from_stage!r} stopped at step {prev_step} of "
+                        f"{prev_total}; finish it or set init.allow_unfinished=True")
+    return dict(state, params=prev["ema"], ema=_copy(prev["ema"]), teacher=prev["teacher"])
+  enc = None
+  if init.dinov2:
+    logging.info("init: encoder from %s", init.dinov2)
+    enc = ctx.place(encoders.load(init.dinov2, dict(config.model.encoder)), p_sh["encoder"])
+  if init.official_uae:
+    logging.info("init: official UAE checkpoint %s", init.official_uae)
+    params = ctx.place(uae_lib.load_official(init.official_uae, config.model), p_sh)
+    # The semantic teacher is the original pretrained encoder (validate() insists on it when the
+    # semantic loss is on), never the imported fine-tuned one.
+    teacher = enc if enc is not None else params["encoder"]
+    return dict(state, params=params, ema=_copy(params), teacher=_copy(teacher))
+  if enc is not None:
+    return dict(state, params=dict(state["params"], encoder=enc),
+                ema=dict(state["ema"], encoder=_copy(enc)), teacher=_copy(enc))
+  logging.warning("=" * 78 + "\nENCODER IS RANDOMLY INITIALISED (no init.dinov2 / from_stage). "
+                  "The semantic band has no pretrained meaning; toy runs only.\n" + "=" * 78)
+  return state
+
+
+# ------------------------------------------------------------------------------ losses
+def reconstruction_terms(config, lpips_params, x_hat, x, w_l1, w_lpips, prefix=""):
+  """w_l1 * L1 + w_lpips * LPIPS and its parts (keys prefixed, e.g. 'clean_')."""
+  parts = {f"{prefix}l1": reconstruction.l1_loss(x_hat, x)}
+  total = w_l1 * parts[f"{prefix}l1"]
+  if w_lpips:
+    parts[f"{prefix}lpips"] = reconstruction.lpips_loss(lpips_params, x_hat, x,
+                                                        compute_dtype(config))
+    total = total + w_lpips * parts[f"{prefix}lpips"]
+  return total, parts
+
+
+def semantic_loss(config, model, params, teacher, out, x):
+  """Student latent vs the frozen teacher's: band-0 MSE (paper) or zig-zag low-pass MSE (official)."""
+  z_t = jax.lax.stop_gradient(model.apply({"params": {"encoder": teacher}}, x, method="encode"))
+  if config.recipe == "official":
+    return semantic.zigzag_lowfreq_mse(out["latent"], z_t, config.loss.semantic_first_k)
+  teacher_bands = model.apply({"params": params}, z_t, method="split")
+  return semantic.band_semantic_mse(out["bands"], teacher_bands, config.model.k_base)
+
+
+def generator_losses(config, model, params, teacher, x, lpips_params, rng):
+  """Forward in train mode and the non-adversarial loss: (L_rec [+ w_sem L_sem], out, parts)."""
+  out = model.apply({"params": params}, x, train=True, rngs={"noise": rng})
+  loss = config.loss
+  total, parts = reconstruction_terms(config, lpips_params, out["recon"], x, loss.l1, loss.lpips)
+  if "recon_clean" in out:
+    t, p = reconstruction_terms(config, lpips_params, out["recon_clean"], x, loss.clean_l1,
+                                loss.clean_lpips, "clean_")
+    total, parts = total + t, {**parts, **p}
+  if loss.semantic > 0:
+    parts["semantic"] = semantic_loss(config, model, params, teacher, out, x)
+    total = total + loss.semantic * parts["semantic"]
+  parts["rec_total"] = total
+  return total, out, parts
+
+
+def adversarial_loss(config, disc_vars, recon, rng):
+  """-mean D(DiffAug(2 * recon - 1)): the generator's GAN term."""
+  fake = diffaug.diff_augment(rng, 2.0 * recon - 1.0, config.gan.translation, config.gan.cutout)
+  return gan.generator_loss(build_discriminator(config).apply(disc_vars, fake))
+
+
+def _last_layer(tree):
+  """The decoder's last-layer kernel inside a params-shaped tree."""
+  return tree[LAST_LAYER[0]][LAST_LAYER[1]][LAST_LAYER[2]]
+
+
+def adaptive_gan_grads(config, loss_fn, params):
+  """Gradients of L_rec + w * L_G with VQGAN's adaptive w, from one forward and two backwards.
+
+  `loss_fn(params) -> ((l_rec, l_g), parts)`; w = gan.weight * ||g_rec|| / ||g_gan|| at the
+  decoder's last layer (capped), held constant as in VQGAN.
+  """
+  (l_rec, l_g), vjp_fn, parts = jax.vjp(loss_fn, params, has_aux=True)
+  g_rec, = vjp_fn((jnp.ones_like(l_rec), jnp.zeros_like(l_g)))
+  g_gan, = vjp_fn((jnp.zeros_like(l_rec), jnp.ones_like(l_g)))
+  lam = gan.adaptive_weight(_last_layer(g_rec), _last_layer(g_gan), config.gan.max_weight)
+  w = config.gan.weight * lam
+  grads = jax.tree.map(lambda a, b: a + w * b, g_rec, g_gan)
+  return l_rec + w * l_g, grads, dict(parts, gan_g=l_g, adaptive_weight=lam, gan_weight=w)
+
+
+def discriminator_update(config, disc_tx, state, frozen, params, x, rng):
+  """One hinge D update on eval-mode reconstructions of the updated generator: (disc, opt, metrics)."""
+  disc, d = build_discriminator(config), state["disc"]
+  # The official code's eval-mode reconstruction keeps the DCT mask on when it is enabled.
+  apply_mask = config.recipe == "official" and config.model.dct_enabled
+  recon = build_model(config).apply({"params": params}, x, apply_mask, method="reconstruct")
+  k_f, k_r = jax.random.split(rng)
+  fake = gan.quantize_fake(2.0 * jax.lax.stop_gradient(recon) - 1.0)
+  fake = diffaug.diff_augment(k_f, fake, config.gan.translation, config.gan.cutout)
+  real = diffaug.diff_augment(k_r, 2.0 * x - 1.0, config.gan.translation, config.gan.cutout)
+
+  def loss_fn(heads):
+    variables = {"params": {"backbone": frozen["disc_backbone"], "heads": heads},
+                 "spectral": d["spectral"]}
+    l_fake, upd = disc.apply(variables, fake, train=True, mutable=[disc_lib.SPECTRAL])
+    variables["spectral"] = upd[disc_lib.SPECTRAL]
+    l_real, upd = disc.apply(variables, real, train=True, mutable=[disc_lib.SPECTRAL])
+    return gan.hinge_d_loss(l_real, l_fake), (upd[disc_lib.SPECTRAL], l_real.mean(), l_fake.mean())
+
+  (loss, (spectral, l_real, l_fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(d["params"])
+  updates, disc_opt = disc_tx.update(grads, state["disc_opt"], d["params"])
+  new = {"params": optax.apply_updates(d["params"], updates), "spectral": spectral}
+  return new, disc_opt, {"gan_d": loss, "logits_real": l_real, "logits_fake": l_fake}
+
+
+def _zeros_like_metrics(metrics_shape):
+  """Zero scalars with the keys of a metrics dict (the skipped branch of a lax.cond)."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+
+
+# ------------------------------------------------------------------------------ the step
+def generator_grads(config, state, batch, frozen, rng):
+  """(loss, grads, parts) of the generator; stage 3 adds the adaptive GAN term once it is on.
+
+  Before `gan.g_start_frac` the step takes the plain branch of a `lax.cond`, so it pays for no
+  discriminator forward and no second backward.
+  """
+  model, x = build_model(config), batch["image"]
+  k_noise, k_aug = jax.random.split(rng)
+
+  def plain(params):
+    rec = lambda p: generator_losses(config, model, p, state["teacher"], x, frozen["lpips"],
+                                     k_noise)[::2]
+    (loss, parts), grads = jax.value_and_grad(rec, has_aux=True)(params)
+    return loss, grads, parts
+
+  if not config.gan.enabled:
+    return plain(state["params"])
+  disc_vars = {"params": {"backbone": frozen["disc_backbone"], "heads": state["disc"]["params"]},
+               "spectral": state["disc"]["spectral"]}
+
+  def with_gan(params):
+    def both(p):
+      l_rec, out, parts = generator_losses(config, model, p, state["teacher"], x, frozen["lpips"],
+                                           k_noise)
+      return (l_rec, adversarial_loss(config, disc_vars, out["recon"], k_aug)), parts
+    return adaptive_gan_grads(config, both, params)
+
+  _, g_on = gan.gan_schedule_weights(state["step"], total_steps(config), config.gan.d_start_frac,
+                                     config.gan.g_start_frac)
+  gan_out = jax.eval_shape(with_gan, state["params"])
+
+  def plain_padded(params):
+    loss, grads, parts = plain(params)
+    extra = {k: v for k, v in gan_out[2].items() if k not in parts}
+    return loss, grads, dict(parts, **_zeros_like_metrics(extra))
+
+  return jax.lax.cond(g_on, with_gan, plain_padded, state["params"])
+
+
+def make_train_step(config):
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)` for this stage's config."""
+  gen_tx, disc_tx, sched = make_optimizers(config)
+  labels = trainable_labels(config)
+
+  def train_step(state, batch, frozen):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    k_gen, k_disc = jax.random.split(rng)
+    loss, grads, metrics = generator_grads(config, state, batch, frozen, k_gen)
+    updates, opt = gen_tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # EMA of the trained subtrees; frozen ones are copied so they stay bit-identical.
+    ema = {k: (common.ema_update(state["ema"][k], params[k], config.optim.ema_decay)
+               if labels[k] == "train" else params[k]) for k in params}
+    new_state = dict(state, step=step + 1, params=params, opt=opt, ema=ema)
+    if config.gan.enabled:
+      d_on, _ = gan.gan_schedule_weights(step, total_steps(config), config.gan.d_start_frac,
+                                         config.gan.g_start_frac)
+      run_d = lambda: discriminator_update(config, disc_tx, state, frozen, params, batch["image"],
+                                           k_disc)
+      skip_d = lambda: (state["disc"], state["disc_opt"],
+                        _zeros_like_metrics(jax.eval_shape(run_d)[2]))
+      new_state["disc"], new_state["disc_opt"], d_metrics = jax.lax.cond(d_on, run_d, skip_d)
+      metrics.update(d_metrics, d_on=d_on.astype(jnp.float32))
+    trained = lambda t: {k: v for k, v in t.items() if labels[k] == "train"}
+    metrics.update(loss=loss, lr=sched(step),
+                   **common.norm_metrics(trained(grads), params, trained(updates)))
+    return new_state, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------ evaluation
+def make_band_decode(config):
+  """Builds `band_decode(params, images) -> (recon, cumulative (K, B, H, W, 3))` for image grids.
+
+  Paper recipe: decode the fused latent of b_0, b_0+b_1, ... (higher bands zeroed). Official
+  recipe: decode zig-zag DCT low-passes keeping 1/K, 2/K, ... of the coefficients.
+  """
+  model, k = build_model(config), config.model.num_bands
+
+  def band_decode(params, images):
+    v = {"params": params}
+    recon = model.apply(v, images, method="reconstruct")
+    z = model.apply(v, images, method="encode")
+    outs = []
+    if config.recipe == "paper":
+      b = model.apply(v, z, method="split")
+      for i in range(k):
+        kept = b * (jnp.arange(k) <= i).astype(b.dtype)[:, None, None, None, None]
+        outs.append(model.apply(v, model.apply(v, kept, method="fuse"), method="decode"))
+    else:
+      n = z.shape[1] * z.shape[2]
+      for i in range(k):
+        outs.append(model.apply(v, bands_lib.dct_lowpass(z, max(1, n * (i + 1) // k)),
+                                method="decode"))
+    return recon, jnp.stack(outs)
+
+  return band_decode
+
+
+class Evaluator:
+  """Reconstruction metrics of the raw and EMA params, and the per-band image grid."""
+
+  def __init__(self, config, ctx, frozen):
+    from uae_jax.evaluate import recon_eval  # it builds models through this module
+    self.rec = recon_eval.ReconstructionEvaluator(config, ctx.batch_sh, frozen["lpips"])
+
+  def evaluate(self, state) -> dict:
+    """PSNR / SSIM / LPIPS (and rFID when configured) as eval/... and eval_ema/... scalars."""
+    out = {}
+    for tag, key in (("eval", "params"), ("eval_ema", "ema")):
+      out.update({f"{tag}/{k}": v for k, v in self.rec(state[key]).items()})
+    return out
+
+  def images(self, state) -> dict:
+    """Original | reconstruction | cumulative band decodes of the EMA params."""
+    return {"recon_ema": self.rec.band_grid(state["ema"])}
+
+
+TASK = tasks.Task(
+    validate=validate, batch_spec=batch_spec, init_state=init_state,
+    make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
+    load_frozen=load_frozen)
