@@ -235,4 +235,10 @@ def test_metric_writer_handles_remote_style_workdirs(tmp_path, monkeypatch):
   w.close()
   rows = [json.loads(l) for l in open(tmp_path / "remote" / "metrics.jsonl")]
   assert [r["loss"] for r in rows] == [2.0, 1.0]
+  # A resumed run keeps the earlier lines (an object store cannot append).
+  w = metric_writers.MetricWriter(str(tmp_path / "remote"), tensorboard=False)
+  w.write_scalars(3, {"loss": 0.5})
+  w.close()
+  rows = [json.loads(l) for l in open(tmp_path / "remote" / "metrics.jsonl")]
+  assert [r["loss"] for r in rows] == [2.0, 1.0, 0.5]
   assert (tmp_path / "remote" / "images" / "grid_latest.png").exists()

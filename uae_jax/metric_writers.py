@@ -55,6 +55,9 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     if not self.remote:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    elif (self.workdir / "metrics.jsonl").exists():
+      # Object stores cannot append: a resumed run rewrites the whole file, so start from it.
+      self._lines = (self.workdir / "metrics.jsonl").read_text().splitlines()
     tb_dir = os.path.join(workdir, "tensorboard") if not self.remote else os.environ.get(
         "UAE_JAX_LOCAL_TB", "")
     if tensorboard and tb_dir:
