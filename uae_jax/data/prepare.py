@@ -188,6 +188,58 @@ def _load_progress(path: str, fingerprint: str, overwrite: bool) -> dict[int, di
   return done
 
 
+def _manifest(run: dict[str, Any], done: dict[int, dict], complete: bool) -> dict[str, Any]:
+  """The manifest of a prepare run for the shards finished so far."""
+  classes = run['classes']
+  shards = [done[i] for i in sorted(done)]
+  skipped = run['listing_skipped'] + [s for shard in shards for s in shard['skipped']]
+  counts = [0] * len(classes)
+  for shard in shards:
+    for label, n in enumerate(shard['counts']):
+      counts[label] += n
+  return {
+      'format': FORMAT_VERSION, 'record_format': RECORD_FORMAT, 'split': run['split'],
+      'src': run['src'], 'shard_size': run['shard_size'], 'num_shards': run['num_shards'],
+      'fingerprint': run['fingerprint'], 'complete': complete, 'classes': classes,
+      'num_classes': len(classes), 'num_records': sum(s['num_records'] for s in shards),
+      'counts_per_class': dict(zip(classes, counts)),
+      'num_unlabelled': sum(s['num_unlabelled'] for s in shards),
+      'num_skipped': len(skipped), 'skipped': skipped, 'shards': shards,
+  }
+
+
+def _write_shard(out: str, name: str, shard_entries, results, num_classes: int, bar,
+                 progress: bool) -> dict[str, Any]:
+  """Writes one shard to a temporary file, renames it into place; returns its manifest entry."""
+  final = os.path.join(out, name)
+  tmp = final + '.tmp'
+  for stale in (tmp, final):
+    if os.path.exists(stale):
+      os.remove(stale)
+  writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
+  counts, unlabelled, skipped, n = [0] * num_classes, 0, [], 0
+  for entry in shard_entries:
+    data, reason = next(results)
+    bar.update(1)
+    if data is None:
+      skipped.append({'file': entry.relpath, 'reason': reason})
+      if progress:
+        bar.write(f'skipping {entry.relpath}: {reason}', file=sys.stderr)
+      logging.warning('prepare: skipping %s (%s)', entry.relpath, reason)
+      continue
+    writer.write(encode_record(data, entry.label, entry.relpath))
+    n += 1
+    if entry.label == UNLABELLED:
+      unlabelled += 1
+    else:
+      counts[entry.label] += 1
+  writer.close()
+  os.replace(tmp, final)
+  return {'file': name, 'num_records': n, 'bytes': os.path.getsize(final),
+          'sha256': _sha256_file(final), 'counts': counts, 'num_unlabelled': unlabelled,
+          'skipped': skipped}
+
+
 def prepare_split(src: str, out: str, split: str = 'train', shard_size: int = DEFAULT_SHARD_SIZE,
                   num_workers: int = 0, overwrite: bool = False, progress: bool = True,
                   on_shard_done: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
@@ -201,28 +253,10 @@ def prepare_split(src: str, out: str, split: str = 'train', shard_size: int = DE
   os.makedirs(out, exist_ok=True)
   num_shards = -(-len(entries) // shard_size)
   fingerprint = _fingerprint(src, entries, shard_size)
+  run = dict(split=split, src=src, shard_size=shard_size, num_shards=num_shards,
+             fingerprint=fingerprint, classes=classes, listing_skipped=listing_skipped)
   mpath = manifest_path(out, split)
   done = _load_progress(mpath, fingerprint, overwrite)
-
-  def manifest(complete: bool) -> dict[str, Any]:
-    """The manifest for the shards finished so far."""
-    shards = [done[i] for i in sorted(done)]
-    skipped = listing_skipped + [s for shard in shards for s in shard['skipped']]
-    counts = [0] * len(classes)
-    unlabelled = 0
-    for shard in shards:
-      for label, n in enumerate(shard['counts']):
-        counts[label] += n
-      unlabelled += shard['num_unlabelled']
-    return {
-        'format': FORMAT_VERSION, 'record_format': RECORD_FORMAT, 'split': split, 'src': src,
-        'shard_size': shard_size, 'num_shards': num_shards, 'fingerprint': fingerprint,
-        'complete': complete, 'classes': classes, 'num_classes': len(classes),
-        'num_records': sum(s['num_records'] for s in shards),
-        'counts_per_class': dict(zip(classes, counts)), 'num_unlabelled': unlabelled,
-        'num_skipped': len(skipped), 'skipped': skipped, 'shards': shards,
-    }
-
   for s in listing_skipped:
     logging.warning('prepare: skipping %s (%s)', s['file'], s['reason'])
   pending = [i for i in range(num_shards) if i not in done]
@@ -232,44 +266,19 @@ def prepare_split(src: str, out: str, split: str = 'train', shard_size: int = DE
   results = _checked([os.path.join(src, e.relpath) for e in pending_entries], num_workers)
   try:
     for i in pending:
-      shard_entries = entries[i * shard_size:(i + 1) * shard_size]
-      name = shard_name(split, i, num_shards)
-      final = os.path.join(out, name)
-      tmp = final + '.tmp'
-      for stale in (tmp, final):
-        if os.path.exists(stale):
-          os.remove(stale)
-      writer = array_record_module.ArrayRecordWriter(tmp, WRITER_OPTIONS)
-      counts, unlabelled, skipped, n = [0] * len(classes), 0, [], 0
-      for entry in shard_entries:
-        data, reason = next(results)
-        bar.update(1)
-        if data is None:
-          skipped.append({'file': entry.relpath, 'reason': reason})
-          if progress:
-            bar.write(f'skipping {entry.relpath}: {reason}', file=sys.stderr)
-          logging.warning('prepare: skipping %s (%s)', entry.relpath, reason)
-          continue
-        writer.write(encode_record(data, entry.label, entry.relpath))
-        n += 1
-        if entry.label == UNLABELLED:
-          unlabelled += 1
-        else:
-          counts[entry.label] += 1
-      writer.close()
-      os.replace(tmp, final)
-      done[i] = {'index': i, 'file': name, 'num_records': n, 'bytes': os.path.getsize(final),
-                 'sha256': _sha256_file(final), 'counts': counts, 'num_unlabelled': unlabelled,
-                 'skipped': skipped}
+      shard = _write_shard(out, shard_name(split, i, num_shards),
+                           entries[i * shard_size:(i + 1) * shard_size], results, len(classes),
+                           bar, progress)
+      done[i] = {'index': i, **shard}
       # Recording the shard only after its file is final is what makes restarts safe.
-      _write_json(mpath, manifest(complete=False))
+      _write_json(mpath, _manifest(run, done, complete=False))
       if on_shard_done is not None:
         on_shard_done(i)
   finally:
     bar.close()
     if hasattr(results, 'close'):
       results.close()
-  result = manifest(complete=True)
+  result = _manifest(run, done, complete=True)
   _write_json(mpath, result)
   return result
 
