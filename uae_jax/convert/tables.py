@@ -188,21 +188,32 @@ def _shape(x) -> Tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------
 # Engine.
 
-def to_flax(table: Table, state_dict: Mapping[str, np.ndarray], *,
-            expected: Optional[Mapping[FlaxPath, Tuple[int, ...]]] = None,
-            constants: Optional[Mapping[str, np.ndarray]] = None,
-            dtype=np.float32, context: str = "") -> dict:
-  """Apply `table` to a PyTorch state dict -> nested Flax params (numpy).
+def _split_chunk(x: np.ndarray, chunk: Tuple[int, int], axis: int) -> np.ndarray:
+  """Chunk k of n of `x` along `axis` (a fused tensor's part); ValueError if n does not divide."""
+  k, n = chunk
+  if x.ndim == 0 or x.shape[axis] % n:
+    where = "the last axis" if axis == -1 else f"axis {axis}"
+    raise ValueError(f"cannot split shape {_shape(x)} into {n} equal parts along {where}")
+  return np.split(x, n, axis=axis)[k]
 
-  `expected` (Flax path -> shape, e.g. from `jax.eval_shape` of the model's init) turns on the
-  check that every model parameter is produced with the right shape and nothing else is.
-  Floating tensors are cast to `dtype` (None keeps the source dtype).
-  """
-  problems: List[Tuple[str, str]] = []
-  constants = constants or {}
-  used = set()
+
+def _fixed_problem(row: Row, t: np.ndarray, constants: Mapping[str, np.ndarray]):
+  """The problem of a `fixed:NAME` row whose tensor differs from the constant, or None."""
+  name = row.transform[len("fixed:"):]
+  ref = np.asarray(constants[name])
+  if _shape(t) != _shape(ref):
+    return ("shape mismatch", f"{row.torch} {_shape(t)}, expected {_shape(ref)} (fixed {name})")
+  if not np.allclose(t.astype(np.float64), ref.astype(np.float64), rtol=0, atol=FIXED_ATOL):
+    err = float(np.abs(t.astype(np.float64) - ref).max())
+    return ("fixed tensor differs", f"{row.torch}: max |diff| {err:.3g} > {FIXED_ATOL} from our "
+            f"{name} table")
+  return None
+
+
+def _read_rows(table: Table, state_dict: Mapping[str, np.ndarray], constants, problems) -> dict:
+  """Flax path -> {chunk index or None: (array, row)} for every row; records problems."""
+  used, missing_reported = set(), set()
   pieces: Dict[FlaxPath, Dict[Optional[int], Tuple[np.ndarray, Row]]] = collections.defaultdict(dict)
-  missing_reported = set()
   for row in table.rows:
     if row.torch not in state_dict:
       if row.torch not in missing_reported:
@@ -212,34 +223,26 @@ def to_flax(table: Table, state_dict: Mapping[str, np.ndarray], *,
     used.add(row.torch)
     t = np.asarray(state_dict[row.torch])
     if row.transform.startswith("fixed:"):
-      ref = np.asarray(constants[row.transform[len("fixed:"):]])
-      if _shape(t) != _shape(ref):
-        problems.append(("shape mismatch", f"{row.torch} {_shape(t)}, expected {_shape(ref)} "
-                         f"(fixed {row.transform[6:]})"))
-      elif not np.allclose(t.astype(np.float64), ref.astype(np.float64), rtol=0, atol=FIXED_ATOL):
-        err = float(np.abs(t.astype(np.float64) - ref).max())
-        problems.append(("fixed tensor differs", f"{row.torch}: max |diff| {err:.3g} > {FIXED_ATOL} "
-                         f"from our {row.transform[6:]} table"))
+      problem = _fixed_problem(row, t, constants)
+      problems.extend([problem] if problem else [])
       continue
     try:
       if row.torch_chunk is not None:
-        k, n = row.torch_chunk
-        if t.ndim == 0 or t.shape[0] % n:
-          raise ValueError(f"cannot split shape {_shape(t)} into {n} equal parts along axis 0")
-        t = np.split(t, n, axis=0)[k]
-      fwd, _, _ = TRANSFORMS[row.transform]
+        t = _split_chunk(t, row.torch_chunk, 0)
       _check_ndim(row.transform, t)
-      f = fwd(t)
+      f = TRANSFORMS[row.transform][0](t)
     except ValueError as e:
       problems.append(("shape mismatch", f"{row.torch} {_shape(state_dict[row.torch])} -> "
                        f"{path_str(row.flax)}: {e}"))
       continue
-    k = row.flax_chunk[0] if row.flax_chunk else None
-    pieces[row.flax][k] = (f, row)
-  for key in state_dict:
-    if key not in used:
-      problems.append(("unused PyTorch key", f"{key} {_shape(state_dict[key])}"))
+    pieces[row.flax][row.flax_chunk[0] if row.flax_chunk else None] = (f, row)
+  problems.extend(("unused PyTorch key", f"{key} {_shape(state_dict[key])}")
+                  for key in state_dict if key not in used)
+  return pieces
 
+
+def _assemble(pieces: Mapping, problems) -> Dict[FlaxPath, np.ndarray]:
+  """Whole Flax leaves from the pieces (fused leaves concatenated along the output axis)."""
   out: Dict[FlaxPath, np.ndarray] = {}
   for path, parts in pieces.items():
     if None in parts:
@@ -255,25 +258,46 @@ def to_flax(table: Table, state_dict: Mapping[str, np.ndarray], *,
                        + " differ"))
       continue
     out[path] = np.concatenate(arrs, axis=-1)
+  return out
+
+
+def _expected_problems(table: Table, state_dict, out, expected) -> List[Tuple[str, str]]:
+  """Model parameters not produced or mis-shaped, and produced leaves the model does not have."""
+  problems = []
+  sources = collections.defaultdict(list)
+  for row in table.rows:
+    if row.flax is not None:
+      sources[row.flax].append(row.torch)
+  for path, shape in expected.items():
+    if path not in out:
+      if not any(r.flax == path and r.torch not in state_dict for r in table.rows):
+        problems.append(("unmapped model parameter", f"{path_str(path)} {tuple(shape)}"))
+    elif _shape(out[path]) != tuple(shape):
+      src = ", ".join(f"{s} {_shape(state_dict[s])}" for s in dict.fromkeys(sources[path])) or "default"
+      problems.append(("shape mismatch", f"{src} -> {path_str(path)} {_shape(out[path])}, model "
+                       f"expects {tuple(shape)}"))
+  problems += [("parameter not in the model", f"{path_str(path)} {_shape(out[path])}")
+               for path in out if path not in expected]
+  return problems
+
+
+def to_flax(table: Table, state_dict: Mapping[str, np.ndarray], *,
+            expected: Optional[Mapping[FlaxPath, Tuple[int, ...]]] = None,
+            constants: Optional[Mapping[str, np.ndarray]] = None,
+            dtype=np.float32, context: str = "") -> dict:
+  """Apply `table` to a PyTorch state dict -> nested Flax params (numpy).
+
+  `expected` (Flax path -> shape, e.g. from `jax.eval_shape` of the model's init) turns on the
+  check that every model parameter is produced with the right shape and nothing else is.
+  Floating tensors are cast to `dtype` (None keeps the source dtype).
+  """
+  problems: List[Tuple[str, str]] = []
+  pieces = _read_rows(table, state_dict, constants or {}, problems)
+  out = _assemble(pieces, problems)
   for path, shape in table.zero_defaults.items():
     out[path] = np.zeros(shape, np.float32)
-
   if expected is not None:
-    sources = collections.defaultdict(list)
-    for row in table.rows:
-      if row.flax is not None:
-        sources[row.flax].append(row.torch)
-    for path, shape in expected.items():
-      if path not in out:
-        if not any(r.flax == path and r.torch not in state_dict for r in table.rows):
-          problems.append(("unmapped model parameter", f"{path_str(path)} {tuple(shape)}"))
-      elif _shape(out[path]) != tuple(shape):
-        src = ", ".join(f"{s} {_shape(state_dict[s])}" for s in dict.fromkeys(sources[path])) or "default"
-        problems.append(("shape mismatch", f"{src} -> {path_str(path)} {_shape(out[path])}, model "
-                         f"expects {tuple(shape)}"))
-    for path in out:
-      if path not in expected:
-        problems.append(("parameter not in the model", f"{path_str(path)} {_shape(out[path])}"))
+    problems += _expected_problems(table, state_dict, out, expected)
   if problems:
     raise ConversionError(context or f"converting with table {table.name}", problems)
   if dtype is not None:
@@ -301,13 +325,9 @@ def to_torch(table: Table, params: Mapping, *, constants: Optional[Mapping[str, 
     f = flat[row.flax]
     try:
       if row.flax_chunk is not None:
-        k, n = row.flax_chunk
-        if f.ndim == 0 or f.shape[-1] % n:
-          raise ValueError(f"cannot split shape {_shape(f)} into {n} equal parts along the last axis")
-        f = np.split(f, n, axis=-1)[k]
-      _, inv, _ = TRANSFORMS[row.transform]
+        f = _split_chunk(f, row.flax_chunk, -1)
       _check_ndim(row.transform, f)
-      t = inv(f)
+      t = TRANSFORMS[row.transform][1](f)
     except ValueError as e:
       problems.append(("cannot export", f"{path_str(row.flax)} {_shape(flat[row.flax])} -> "
                        f"{row.torch}: {e}"))

@@ -66,6 +66,23 @@ def select_state_dict(obj: Any, which: str, path: str) -> Dict[str, Any]:
   return dict(obj)
 
 
+def read_official(path: str, which: str = "ema", return_entry: bool = False):
+  """The flat numpy state dict of an official checkpoint (a training dict's `which` entry, or a
+  flat .pt / .safetensors state dict); with `return_entry`, also the entry used (or None)."""
+  if not os.path.exists(path):
+    raise ConversionError(f"{path}: no such file")
+  if path.lower().endswith((".safetensors", ".npz")):
+    obj = torch_io.read_checkpoint(path)
+  else:
+    obj = torch_io.load_torch(path)
+  sd = torch_io.to_numpy(select_state_dict(obj, which, path))
+  bad = sorted(k for k, v in sd.items() if not isinstance(v, np.ndarray))
+  if bad:
+    raise ConversionError(f"{path}: non-tensor entries in the state dict: {bad[:20]}")
+  entry = which if isinstance(obj, Mapping) and which in obj else None
+  return (sd, entry) if return_entry else sd
+
+
 def _count(sd: Mapping[str, Any], fmt: str) -> int:
   n = 0
   while fmt.format(n) in sd:
@@ -180,21 +197,12 @@ def import_official_uae(path: str, which: str = "ema", *, encoder_input_size: in
   or a .safetensors file (e.g. written by `export_official_uae`). Params are unrolled
   (`blocks_{i}`); `load_official` gives them in a config's layout, shape-checked.
   """
-  if not os.path.exists(path):
-    raise ConversionError(f"{path}: no such file")
-  if path.lower().endswith((".safetensors", ".npz")):
-    obj = torch_io.read_checkpoint(path)
-  else:
-    obj = torch_io.load_torch(path)
-  sd = torch_io.to_numpy(select_state_dict(obj, which, path))
-  bad = sorted(k for k, v in sd.items() if not isinstance(v, np.ndarray))
-  if bad:
-    raise ConversionError(f"{path}: non-tensor entries in the state dict: {bad[:20]}")
+  sd, entry = read_official(path, which, return_entry=True)
   params, arch = uae_from_state_dict(
       sd, encoder_input_size=encoder_input_size, encoder_num_heads=encoder_num_heads,
-      decoder_num_heads=decoder_num_heads, context=f"converting {path}"
-      + (f" [{which}]" if isinstance(obj, Mapping) and which in obj else ""))
-  arch["source"] = {"file": os.path.abspath(path), "which": which if which in obj else None}
+      decoder_num_heads=decoder_num_heads,
+      context=f"converting {path}" + (f" [{entry}]" if entry else ""))
+  arch["source"] = {"file": os.path.abspath(path), "which": entry}
   return params, arch
 
 
