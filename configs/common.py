@@ -44,7 +44,9 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
   # remat_policy: 'none' | 'full' | 'dots' | 'dots_no_batch'. scan_blocks: one nn.scan over
   # stacked block params (faster compiles; layout conversion in uae_jax/models/scan_utils.py).
   c.model.decoder = ml_collections.ConfigDict(dict(size="XL", patch_size=16, remat_policy="none",
-                                                   scan_blocks=False))
+                                                   scan_blocks=False, weight_init="jax"))
+  # weight_init: 'jax' (Flax defaults) | 'torch_default' (nn.Linear's uniform +-1/sqrt(fan_in),
+  # what the official decoder uses: the official recipe's configs set it).
   c.model.num_bands = 4
   c.model.band_edges = ()           # () = e_k = k*sqrt(2)/K
   c.model.band_tau = 0.02

@@ -16,6 +16,7 @@ def get_config(arg=None):
   c.model.noise_tau = 0.8
   c.model.dct_enabled = False
   c.gan.enabled = True
+  c.model.decoder.weight_init = "torch_default"  # the official decoder keeps PyTorch's init
 
   if a.tiny:
     common.tiny(c, a.steps)

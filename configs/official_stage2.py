@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model.dct_enabled = True
   c.loss.update(semantic=0.5, semantic_first_k=64, clean_l1=10.0, clean_lpips=10.0)
   c.gan.enabled = True
+  c.model.decoder.weight_init = "torch_default"  # the official decoder keeps PyTorch's init
   c.gan.d_start_frac, c.gan.g_start_frac = 6 / 17, 8 / 17
 
   if a.tiny:

@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 
 from uae_jax import tasks
+from uae_jax.checkpoint import layout as ckpt_layout
 from uae_jax.checkpoint import manager as ckpt_lib
 from uae_jax.errors import ConfigError
 from uae_jax.losses import diffaug
@@ -175,7 +176,6 @@ def initialize(config, state: dict, ctx) -> dict:
   init = config.init
   p_sh, p_abs = ctx.state_sh["params"], ctx.state_abs["params"]
   if init.from_stage:
-    from uae_jax.checkpoint import layout as ckpt_layout  # pylint: disable=g-import-not-at-top
     logging.info("init: EMA params and teacher from the previous stage at %s", init.from_stage)
     layout_error = ckpt_layout.checkpoint_layout_error(init.from_stage, p_abs)
     if layout_error:
