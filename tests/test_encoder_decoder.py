@@ -160,7 +160,7 @@ def _decoder_params(weight_init=None, scan=False, seed=0):
   kw = {} if weight_init is None else {"weight_init": weight_init}
   dec = decoder.PixelDecoder(size="custom", dim=128, depth=2, num_heads=2, mlp_hidden=256,
                              patch_size=4, scan_blocks=scan, **kw)
-  return dec.init(jax.random.key(seed), jnp.zeros((1, 4, 4, 96)))["params"]
+  return dec.init(jax.random.key(seed), jnp.zeros((1, 2, 2, 96)))["params"]
 
 
 def test_default_decoder_init_is_unchanged():
