@@ -1,4 +1,5 @@
 """Evaluation: Frechet distance, linear probe, spectrum analysis, the recon/probe/spectrum CLIs."""
+import copy
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import pytest
 from configs import official_stage1
 from configs import stage1
 from uae_jax import sharding as sharding_lib
-from uae_jax import steps as steps_lib
+from uae_jax.tasks import uae as uae_task
 from uae_jax import train
 from uae_jax.checkpoint import manager as ckpt_lib
 from uae_jax.convert import torch_io
@@ -121,7 +122,7 @@ def _random_params(config, seed):
   """Random UAE params from numpy (no XLA compile of the init): LN scales 1, biases 0, weights
   N(0, 1/fan_in)."""
   import flax.linen as nn
-  model = steps_lib.build_model(config)
+  model = uae_task.build_model(config)
   size = config.input.image_size
   abstract = nn.unbox(jax.eval_shape(
       lambda k: model.init({"params": k, "noise": k}, jnp.zeros((1, size, size, 3)),
@@ -150,18 +151,64 @@ def tiny_paper_setup():
 
 def test_probe_on_real_features_of_the_bundled_photos(tiny_paper_setup):
   config, params, batch_sh = tiny_paper_setup
-  res = linear_probe.run_probe(config, params, batch_sh, pooling="mean", steps=100)
+  res = linear_probe.run_probe(config, params, batch_sh, steps=100)
+  # The default grid pooling keeps non-DC frequencies: band 0 and all bands are two probes.
+  assert res["pooling"] == linear_probe.DEFAULT_POOLING == "grid4"
   # 80 train crops -> 10 original photos (one per class): chance is 0.1.
   assert res["num_train"] == 80 and res["num_test"] == 10 and res["chance"] == 0.1
   assert res["all"]["top1"] >= 0.5 and res["band0"]["top1"] >= 0.5
-  # Global mean pooling keeps only DC, which lies entirely in band 0: identical features.
-  assert res["max_abs_band0_minus_all"] < 1e-5
-  assert res["band0"]["top1"] == res["all"]["top1"]
-  fn = jax.jit(linear_probe.make_feature_fn(config, "grid4"))
-  it = pipeline.make_eval_iterator(config.input)
-  f = jax.device_get(fn(params, next(it)["image"]))
-  assert f["all"].shape == (8, 4 * 4 * 64)
-  assert np.max(np.abs(f["band0"] - f["all"])) > 0.1  # a 4x4 grid keeps non-DC frequencies
+  assert res["all"]["dim"] == res["band0"]["dim"] == 4 * 4 * 64
+  assert res["max_abs_band0_minus_all"] > 0.1 and not res["band0_equals_all"]
+  assert "same_as" not in res["all"]
+
+
+def test_global_mean_pooling_is_selectable_and_reports_one_number(tiny_paper_setup):
+  config, params, _ = tiny_paper_setup
+  batch = next(pipeline.make_eval_iterator(config.input))
+  grid = jax.device_get(jax.jit(linear_probe.make_feature_fn(config))(params, batch["image"]))
+  mean = jax.device_get(jax.jit(linear_probe.make_feature_fn(config, "mean"))(params,
+                                                                             batch["image"]))
+  assert mean["all"].shape == (8, 64) and grid["all"].shape == (8, 16 * 64)
+  # Global mean pooling keeps only DC, which lies entirely in band 0: identical features...
+  assert np.max(np.abs(mean["band0"] - mean["all"])) < 1e-5
+  assert np.max(np.abs(grid["band0"] - grid["all"])) > 0.1
+  assert linear_probe.features_identical(mean["band0"], mean["all"])
+  assert not linear_probe.features_identical(grid["band0"], grid["all"])
+  # ... so one probe is trained and reported for both.
+  labels = np.arange(8) % 2
+  for feats, same in ((mean, True), (grid, False)):
+    split = dict(feats, label=labels)
+    res = linear_probe.probe_accuracies(split, split, steps=20)
+    assert (res["all"].get("same_as") == "band0") == same
+    assert res["all"]["top1"] == res["band0"]["top1"] if same else "same_as" not in res["band0"]
+
+
+def test_eval_lpips_is_float32_at_highest_precision_whatever_the_compute_dtype(tiny_paper_setup):
+  config, _, batch_sh = tiny_paper_setup
+  lp = lpips_lib.load_lpips_params("vgg16")
+  bf16 = copy.deepcopy(config)
+  bf16.compute_dtype = "bfloat16"
+  x = np.asarray(next(pipeline.make_eval_iterator(config.input))["image"], np.float32)
+  x_hat = np.clip(x + 0.05 * np.random.default_rng(0).normal(size=x.shape), 0, 1)
+  x_hat = x_hat.astype(np.float32)
+  out = {}
+  for name, cfg in (("float32", config), ("bfloat16", bf16)):
+    evaluator = recon_eval.ReconstructionEvaluator(cfg, batch_sh, lp)
+    out[name] = np.asarray(evaluator.metrics_fn(lp, x_hat, x)["lpips"])
+    # Every VGG convolution of the evaluation runs at HIGHEST precision (TPU: 6-pass float32).
+    jaxpr = str(jax.make_jaxpr(evaluator.metrics_fn)(lp, x_hat, x))
+    assert jaxpr.count("conv_general_dilated") >= 13
+    assert "precision=None" not in jaxpr and "HIGHEST" in jaxpr
+  assert np.max(np.abs(out["bfloat16"] - out["float32"])) <= 1e-6
+  # Independent reference: LPIPS of the uint8-quantised pair, float32, HIGHEST.
+  q = lambda a: np.floor(np.clip(a, 0, 1) * 255 + 0.5) / 255
+  ref = np.asarray(lpips_lib.lpips_distance(lp, 2 * q(x) - 1, 2 * q(x_hat) - 1,
+                                            precision=jax.lax.Precision.HIGHEST))
+  np.testing.assert_allclose(out["bfloat16"], ref, rtol=0, atol=1e-6)
+  # What a bfloat16 LPIPS (the training loss's dtype) would have reported: visibly different.
+  low = np.asarray(lpips_lib.lpips_distance(lp, 2 * q(x) - 1, 2 * q(x_hat) - 1,
+                                            dtype=jnp.bfloat16))
+  assert np.max(np.abs(low - ref)) > 1e-4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,9 +307,9 @@ def tiny_run(tmp_path_factory):
   state, _ = trainer.initial_state(it)
   for _ in range(2):
     batch = next(it)
-    batch = pipeline.to_global_array({"image": batch["image"], "label": batch["label"]},
-                                     trainer.batch_sh)
-    state, _ = trainer.train_step(state, batch, trainer.lpips_params, trainer.disc_backbone)
+    batch = pipeline.to_global_array({"image": batch["image"]},
+                                     trainer.ctx.batch_sh)
+    state, _ = trainer.train_step(state, batch, trainer.frozen)
   meta = {"stage": config.stage, "recipe": config.recipe, "config": config.to_json_best_effort()}
   trainer.ckpt.save(2, state, it, dict(meta, step=2))
   trainer.ckpt.wait()
@@ -310,8 +357,8 @@ def test_recon_cli_matches_independent_recomputation(tiny_run, tmp_path):
   # The saved reconstructions are the restored EMA params' reconstructions (unsharded here).
   abstract = cli.abstract_params(config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]))
   ema = ckpt_lib.restore_subtrees(workdir, {"ema": abstract})["ema"]
-  model = steps_lib.build_model(config)
-  direct = model.apply({"params": ema}, jnp.asarray(refs), method=uae_lib.UAE.reconstruct)
+  model = uae_task.build_model(config)
+  direct = model.apply({"params": ema}, jnp.asarray(refs), method="reconstruct")
   direct = np.asarray(metrics_lib.to_uint8(direct, "truncate"))
   assert np.mean(direct != x_hat) < 1e-3 and np.max(np.abs(direct.astype(int) - x_hat)) <= 1
   assert res["metrics"] == saved["metrics"]
@@ -361,7 +408,7 @@ def test_evaluator_is_a_drop_in_for_trainer_evaluate(tiny_run):
   workdir, config, trainer = tiny_run
   params = ckpt_lib.restore_subtrees(workdir, {"ema": trainer.state_abs["ema"],
                                                "params": trainer.state_abs["params"]})
-  evaluator = recon_eval.ReconstructionEvaluator(config, trainer.batch_sh, trainer.lpips_params)
+  evaluator = recon_eval.ReconstructionEvaluator(config, trainer.ctx.batch_sh, trainer.frozen["lpips"])
   for which in ("ema", "params"):
     ours = evaluator(params[which])
     theirs = trainer.evaluate(params[which])
@@ -385,8 +432,8 @@ def test_recon_and_probe_cli_on_an_official_layout_checkpoint(tmp_path):
   # The checkpoint's weights made these reconstructions (the official evaluator: no band mask).
   recon = np.load(tmp_path / "r" / "recon.npz")
   refs = next(pipeline.make_eval_iterator(config.input))["image"]
-  model = steps_lib.build_model(config)
-  direct = model.apply({"params": params}, jnp.asarray(refs), method=uae_lib.UAE.reconstruct)
+  model = uae_task.build_model(config)
+  direct = model.apply({"params": params}, jnp.asarray(refs), method="reconstruct")
   direct = np.asarray(metrics_lib.to_uint8(direct))[recon["index"]]
   assert np.max(np.abs(direct.astype(int) - recon["recon"])) <= 1
   probe = cli.main(["probe", "--checkpoint", ckpt, "--config", spec, "--out", str(tmp_path / "p"),

@@ -9,7 +9,8 @@ with params as often as needed (the trainer calls it for raw and EMA params ever
 Conventions (see `uae_jax/evaluate/metrics.py`): reconstructions are clipped to [0, 1] and quantised
 to uint8 levels (`uint8_mode` 'round' by default, 'truncate' = the official code), references are
 snapped to their uint8 level; PSNR per image then averaged; SSIM = dm-pix Gaussian 11x11, sigma 1.5,
-mean over the valid region (= scikit-image gaussian mode); LPIPS = VGG16 LPIPS v0.1. rFID compares
+mean over the valid region (= scikit-image gaussian mode); LPIPS = VGG16 LPIPS v0.1, always in
+float32 at HIGHEST precision (`eval_metrics`), whatever `compute_dtype` training uses. rFID compares
 the FID-Inception statistics of the quantised reconstructions with those of the references (image
 set vs image set, as the official torch-fidelity call): read from an `.npz` if the `InceptionFID`
 has a reference, otherwise accumulated from the same eval images on the first call and cached.
@@ -28,23 +29,36 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from uae_jax import steps as steps_lib
+from uae_jax.tasks import uae as uae_task
 from uae_jax.data import pipeline
 from uae_jax.evaluate import fid as fid_lib
 from uae_jax.evaluate import metrics as metrics_lib
 from uae_jax.metric_writers import image_grid
-from uae_jax.models import uae as uae_lib
 
 METRICS = ("psnr", "ssim", "lpips")
+
+
+def eval_metrics(lpips_params: Any, recon, images, uint8_mode: str = "round") -> dict:
+  """Per-image PSNR / SSIM / LPIPS in float32 at HIGHEST precision, whatever the training dtype.
+
+  Training may run LPIPS in bfloat16 (a loss only needs its gradient direction); a reported
+  metric must not depend on that, nor on the TPU's default one-pass bf16 float32 convolutions.
+  The precision is fixed while tracing, so it holds inside any jit that calls this.
+  """
+  with jax.default_matmul_precision("highest"):
+    return metrics_lib.reconstruction_metrics(lpips_params, recon, images, uint8_mode,
+                                              lpips_dtype=jnp.float32)
 
 
 @dataclasses.dataclass
@@ -87,15 +101,15 @@ class ReconstructionEvaluator:
                                             self.replicated, section.get("fid_method", "sqrtm"))
     self.fid = fid
     self._reference_cache = None  # inline reference statistics (the eval images do not change)
-    self._band_decode = jax.jit(steps_lib.make_band_decode(config))
-    model = steps_lib.build_model(config)
-    lpips_dtype = steps_lib.compute_dtype(config)
+    self._band_decode = jax.jit(uae_task.make_band_decode(config))
+    model = uae_task.build_model(config)
     mode = self.uint8_mode
+    # The metrics ignore config.compute_dtype: they are measurements, not part of training.
+    self.metrics_fn = jax.jit(functools.partial(eval_metrics, uint8_mode=mode))
 
     def step(params, lpips_params, images):
-      recon = model.apply({"params": params}, images, method=uae_lib.UAE.reconstruct)
-      return {"per_image": metrics_lib.reconstruction_metrics(lpips_params, recon, images, mode,
-                                                              lpips_dtype),
+      recon = model.apply({"params": params}, images, method="reconstruct")
+      return {"per_image": eval_metrics(lpips_params, recon, images, mode),
               "recon_uint8": metrics_lib.to_uint8(recon, mode)}
 
     self._step = jax.jit(step)
