@@ -23,6 +23,7 @@ from uae_jax.errors import LoadError
 
 
 def _parser() -> argparse.ArgumentParser:
+  """The argument parser of the four subcommands."""
   p = argparse.ArgumentParser(prog="python -m uae_jax.convert", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  """Runs one subcommand; returns the exit status (2 on a LoadError)."""
   args = _parser().parse_args(argv)
   try:
     if args.cmd == "dinov2":

@@ -73,6 +73,7 @@ class DinoV2Source:
   pos_cls_row: bool
 
   def table(self, final_norm: Optional[bool] = None) -> tables.Table:
+    """The key table of this source (optionally overriding whether it has a final norm)."""
     return tables.dinov2_table(
         self.layout, depth=self.depth, dim=self.dim, registers=self.registers, swiglu=self.swiglu,
         final_norm=self.final_norm if final_norm is None else final_norm,
@@ -120,6 +121,7 @@ def detect_layout(sd: Mapping[str, np.ndarray], variant: str = "auto") -> Tuple[
 
 
 def _isqrt_exact(n: int) -> Optional[int]:
+  """The integer square root of n if n is a perfect square, else None."""
   r = math.isqrt(n)
   return r if r * r == n else None
 
@@ -195,6 +197,7 @@ def model_param_shapes(model_cls, kwargs: Mapping[str, Any], input_shape) -> Dic
 
 
 def dinov2_param_shapes(arch: Mapping[str, Any]) -> Dict[tuple, tuple]:
+  """Flax path -> shape of the params `DinoV2(**arch)` creates."""
   from uae_jax.models.dinov2 import DinoV2
   s = arch.get("input_size") or arch["pos_embed_grid"] * arch.get("patch_size", 14)
   return model_param_shapes(DinoV2, arch, (1, s, s, 3))
@@ -273,6 +276,7 @@ def convert_dinov2(sd: Mapping[str, np.ndarray], *, variant: str = "auto",
 
 
 def _count_blocks(params: Mapping) -> int:
+  """Number of `blocks_{i}` entries of an unrolled params dict."""
   n = 0
   while f"blocks_{n}" in params:
     n += 1

@@ -28,6 +28,7 @@ DINO_S8 = {"dim": 384, "depth": 12, "num_heads": 6, "mlp_hidden": 1536, "patch_s
 
 
 def infer_arch(sd: Mapping[str, np.ndarray], prefix: str = "") -> Dict[str, int]:
+  """DinoViTBackbone kwargs from the shapes of a DINO ViT state dict (heads = dim // 64)."""
   problems = [("missing PyTorch key", prefix + k) for k in
               ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
               if prefix + k not in sd]
@@ -98,6 +99,7 @@ def convert_dino_disc(sd: Mapping[str, np.ndarray], *, expect: Optional[Mapping[
 
 
 def export_dino_disc(params: Mapping) -> Dict[str, np.ndarray]:
+  """Backbone params -> the timm / FAIR DINO state dict (numpy)."""
   depth = 0
   while f"blocks_{depth}" in params:
     depth += 1
@@ -125,6 +127,7 @@ def load_dino_disc(path_or_dir: str, *, expect: Optional[Mapping[str, int]] = DI
 
 
 def convert_dino_disc_file(src: str, out_dir: str, *, expect=DINO_S8, zero_key_bias: bool = False):
+  """Convert `src` and write `out_dir/{params.msgpack, arch.json}`; returns (params, arch)."""
   sd, _ = torch_io.read_state_dict(src)
   params, arch = convert_dino_disc(sd, expect=expect, zero_key_bias=zero_key_bias,
                                    context=f"converting {src}")

@@ -42,6 +42,7 @@ def save_params(out_dir: str, params: Mapping, arch: Mapping[str, Any]) -> Tuple
 
 
 def is_converted_dir(path: str) -> bool:
+  """True if `path` is a directory written by `save_params`."""
   return (os.path.isdir(path) and os.path.exists(os.path.join(path, PARAMS_FILE))
           and os.path.exists(os.path.join(path, ARCH_FILE)))
 
@@ -67,6 +68,7 @@ def load_params(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 
 
 def _to_numpy_tree(tree):
+  """Nested dict with str keys and numpy leaves."""
   if isinstance(tree, Mapping):
     return {str(k): _to_numpy_tree(v) for k, v in tree.items()}
   return np.asarray(tree)

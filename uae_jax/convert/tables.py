@@ -42,6 +42,7 @@ class ConversionError(LoadError):
   """A conversion problem; `problems` lists every offending key (category, detail)."""
 
   def __init__(self, context: str, problems: Iterable[Tuple[str, str]] = ()):
+    """Groups the problems by kind into one multi-line message."""
     self.context = context
     self.problems = list(problems)
     if not self.problems:
@@ -78,12 +79,15 @@ class Table:
   zero_defaults: Dict[FlaxPath, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
   def torch_keys(self) -> List[str]:
+    """PyTorch keys of the rows, in order, without repeats."""
     return list(dict.fromkeys(r.torch for r in self.rows))
 
   def flax_paths(self) -> List[FlaxPath]:
+    """Flax paths of the rows, in order, without repeats."""
     return list(dict.fromkeys(r.flax for r in self.rows if r.flax is not None))
 
   def __add__(self, other: "Table") -> "Table":
+    """The two tables' rows and zero defaults together."""
     return Table(f"{self.name}+{other.name}", self.rows + other.rows,
                  {**self.zero_defaults, **other.zero_defaults})
 
@@ -92,10 +96,12 @@ class Table:
 # Transforms: name -> (torch -> flax, flax -> torch, required ndim or None).
 
 def _pos_add_cls_row(t):
+  """timm reg4 pos_embed (1, N, D) -> ours with a zero CLS row (1, 1 + N, D)."""
   return np.concatenate([np.zeros_like(t[:, :1]), t], axis=1)
 
 
 def _pos_drop_cls_row(f):
+  """Inverse of `_pos_add_cls_row`; the CLS row must be zero."""
   if np.any(f[:, 0] != 0):
     raise ValueError("the CLS position row is not zero; this layout has no CLS position row, fold "
                      "it into cls_token first (convert.dinov2.export_dinov2 does that)")
@@ -114,6 +120,7 @@ FIXED_ATOL = 1e-5
 
 
 def _check_ndim(name: str, x: np.ndarray):
+  """Raises ValueError if `x` has not the rank the transform expects."""
   ndim = TRANSFORMS[name][2]
   if ndim is not None and x.ndim != ndim:
     raise ValueError(f"transform {name!r} expects a {ndim}-D tensor, got shape {tuple(x.shape)}")
@@ -152,6 +159,7 @@ def qkv_rows(flax: FlaxPath, torch: str) -> List[Row]:
 # Tree helpers.
 
 def flatten(tree: Mapping, prefix: FlaxPath = ()) -> Dict[FlaxPath, np.ndarray]:
+  """Nested dict -> {path tuple: leaf}."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
@@ -162,6 +170,7 @@ def flatten(tree: Mapping, prefix: FlaxPath = ()) -> Dict[FlaxPath, np.ndarray]:
 
 
 def unflatten(flat: Mapping[FlaxPath, np.ndarray]) -> dict:
+  """{path tuple: leaf} -> nested dict."""
   out: dict = {}
   for path, v in flat.items():
     d = out
@@ -172,6 +181,7 @@ def unflatten(flat: Mapping[FlaxPath, np.ndarray]) -> dict:
 
 
 def path_str(path: FlaxPath) -> str:
+  """'a/b/c' for a Flax path."""
   return "/".join(path)
 
 
@@ -182,6 +192,7 @@ def is_float(dt) -> bool:
 
 
 def _shape(x) -> Tuple[int, ...]:
+  """The shape of any array-like as a tuple of ints."""
   return tuple(int(s) for s in np.shape(x))
 
 
@@ -352,6 +363,7 @@ def to_torch(table: Table, params: Mapping, *, constants: Optional[Mapping[str, 
 
 
 def _row_target(row: Row) -> str:
+  """What a row writes, for messages."""
   return path_str(row.flax) if row.flax is not None else row.transform
 
 
@@ -472,6 +484,7 @@ def dinov2_table(layout: str, *, depth: int, dim: int, registers: int, swiglu: b
 
 def official_decoder_block_rows(i: int, *, prefix: str = "decoder.",
                                 flax_prefix: FlaxPath = ()) -> List[Row]:
+  """Rows of one official decoder layer `decoder_layers.{i}`."""
   t = f"{prefix}decoder_layers.{i}."
   f = flax_prefix + (f"blocks_{i}",)
   rows = layernorm_rows(f + ("norm1",), t + "layernorm_before")
@@ -506,6 +519,7 @@ MODULATOR_PREFIX = "uae_jax_modulator."
 
 
 def modulator_table(*, prefix: str = MODULATOR_PREFIX, flax_prefix: FlaxPath = ()) -> Table:
+  """Our paper-recipe SpectralModulator under PyTorch-style Conv2d names."""
   rows = conv_rows(flax_prefix + ("conv_in",), prefix + "conv_in")
   rows += conv_rows(flax_prefix + ("conv_out",), prefix + "conv_out")
   return Table("uae_jax_modulator", rows)
@@ -516,6 +530,7 @@ def modulator_table(*, prefix: str = MODULATOR_PREFIX, flax_prefix: FlaxPath = (
 # Flax side: `uae_jax.models.discriminator` backbone params.
 
 def dino_disc_table(*, depth: int = 12, prefix: str = "", flax_prefix: FlaxPath = ()) -> Table:
+  """The DINO v1 ViT discriminator backbone (fused qkv split into q, k, v)."""
   fp = flax_prefix
   rows = conv_rows(fp + ("patch_embed",), prefix + "patch_embed.proj")
   rows += [Row(fp + ("cls_token",), prefix + "cls_token", "identity"),

@@ -37,12 +37,14 @@ _ST_DTYPES = {
 
 
 def _ml_dtype(name: str):
+  """The ml_dtypes type of a safetensors dtype numpy cannot name (or None)."""
   import ml_dtypes
   return {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
           "F8_E5M2": ml_dtypes.float8_e5m2}.get(name)
 
 
 def _file_kind(path: str) -> str:
+  """'safetensors', 'npz' or 'torch', from the suffix or the first bytes."""
   low = path.lower()
   if low.endswith(SAFETENSORS_SUFFIXES):
     return "safetensors"
@@ -63,6 +65,7 @@ def _file_kind(path: str) -> str:
 
 
 def _safetensors_header(path: str) -> Tuple[dict, int]:
+  """(header dict, data offset) of a safetensors file, checked against its size."""
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     raw = f.read(8)
@@ -108,6 +111,7 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
 
 
 def safetensors_metadata(path: str) -> Dict[str, str]:
+  """The string metadata of a safetensors file."""
   header, _ = _safetensors_header(path)
   return dict(header.get("__metadata__") or {})
 
@@ -167,6 +171,7 @@ def to_numpy(obj: Any) -> Any:
 
 
 def _require_flat(path: str, obj: Any) -> Dict[str, np.ndarray]:
+  """The object as a flat {str: ndarray} state dict, or a ConversionError."""
   if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
     raise ConversionError(f"{path}: expected a flat state dict of tensors, got {type(obj).__name__}")
   bad = [k for k, v in obj.items() if not isinstance(v, np.ndarray)]
@@ -230,6 +235,7 @@ def read_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
 
 def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str,
                       metadata: Optional[Mapping[str, str]] = None) -> None:
+  """Write a numpy state dict (contiguous) with string metadata."""
   from safetensors.numpy import save_file
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
@@ -237,6 +243,7 @@ def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str,
 
 
 def sha256(path: str, chunk: int = 1 << 22) -> str:
+  """Hex SHA-256 of a file, read in chunks."""
   import hashlib
   h = hashlib.sha256()
   with open(path, "rb") as f:

@@ -84,6 +84,7 @@ def read_official(path: str, which: str = "ema", return_entry: bool = False):
 
 
 def _count(sd: Mapping[str, Any], fmt: str) -> int:
+  """How many consecutive `fmt.format(i)` keys from 0 are in `sd`."""
   n = 0
   while fmt.format(n) in sd:
     n += 1
@@ -91,6 +92,7 @@ def _count(sd: Mapping[str, Any], fmt: str) -> int:
 
 
 def _shape(sd, key, problems) -> Optional[Tuple[int, ...]]:
+  """The shape of `sd[key]`, or None after recording it missing."""
   if key not in sd:
     problems.append(("missing PyTorch key", key))
     return None
@@ -129,6 +131,7 @@ def decoder_sincos(dim: int, grid: int) -> np.ndarray:
 
 
 def _prefixed(shapes: Mapping[tuple, tuple], prefix: str) -> Dict[tuple, tuple]:
+  """The same shapes with `prefix` prepended to every path."""
   return {(prefix,) + p: s for p, s in shapes.items()}
 
 
@@ -333,6 +336,7 @@ def load_official(path: str, model_cfg: Mapping, *, which: str = "ema") -> dict:
 
 def export_official_uae_from_dir(src_dir: str, out_path: str, *, key_style: str = "hf4",
                                  decoder_grid: Optional[int] = None) -> Dict[str, np.ndarray]:
+  """Export a converted UAE directory as an official-layout .safetensors."""
   params, arch = flax_io.load_params(src_dir)
   if arch.get("model_class") != MODEL_CLASS:
     raise ConversionError(f"{src_dir}: holds {arch.get('model_class')!r}, not a UAE ({MODEL_CLASS})")
