@@ -141,3 +141,67 @@ def test_load_inception_from_safetensors(tmp_path, torch_shapes, variables):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ConversionError, match="no such"):
     inc.load_inception(str(tmp_path / "missing.pth"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation-suite taps (sFID spatial, IS logits) and the TF1 (ADM / torch-fidelity) protocol.
+# One network compile at 299 x 299 serves both protocols: the preprocessing runs separately.
+
+
+@pytest.fixture(scope="module")
+def raw_forward():
+  model = inc.FIDInception(resize_input=False, normalize_input=False, with_logits=True)
+  return jax.jit(lambda v, x: model.apply(v, x, return_blocks=True))
+
+
+@pytest.fixture(scope="module")
+def protocol_outputs(gold, variables, raw_forward):
+  """{protocol: outputs} for batches a and b stacked (3 images), computed once."""
+  prep = jax.jit(inc.preprocess, static_argnums=(1,))
+  out = {}
+  for protocol in ("pytorch-fid", "tf1"):
+    x = np.concatenate([np.asarray(prep(gold["images_a"], protocol)),
+                        np.asarray(prep(gold["images_b"], protocol))])
+    out[protocol] = jax.device_get(raw_forward(variables, x))
+  return out
+
+
+def test_tf1_resize_matches_torch_fidelity(gold):
+  x = gold["images_a"].astype(np.float32)  # torch-fidelity resizes 0..255 values
+  resized = np.asarray(inc.resize_bilinear_tf1(x))[:, ::golden.SUBSAMPLE, ::golden.SUBSAMPLE]
+  np.testing.assert_allclose(resized, gold["tf_resized_a"], rtol=0, atol=2e-4)
+  # TF1 legacy sampling differs from PyTorch's half-pixel one: the two must not coincide.
+  assert np.max(np.abs(inc.tf1_bilinear_matrix(128, 299) - inc.torch_bilinear_matrix(128, 299))) \
+      > 0.1
+  for n in (64, 256, 299, 512):
+    np.testing.assert_allclose(inc.tf1_bilinear_matrix(n, 299).sum(1), 1.0, atol=1e-6)
+  np.testing.assert_array_equal(inc.tf1_bilinear_matrix(299, 299), np.eye(299))
+
+
+@pytest.mark.parametrize("protocol,prefix", [("pytorch-fid", ""), ("tf1", "tf_")])
+def test_gen_taps_match_pytorch_references(gold, protocol_outputs, protocol, prefix):
+  """pool, sFID spatial tap and IS logits vs pytorch-fid (2x-1) / torch-fidelity (TF1)."""
+  out = protocol_outputs[protocol]
+  for name, shape in (("pool", (3, 2048)), ("spatial", (3, 17, 17, 7)), ("logits", (3, 1008))):
+    ref = np.concatenate([gold[f"{prefix}{name}_a"], gold[f"{prefix}{name}_b"]])
+    assert out[name].shape == ref.shape == shape
+    err = np.max(np.abs(out[name] - ref))
+    assert err <= TOL, f"{protocol} {name} differs by {err}"
+    assert np.abs(ref).max() > 1000 * TOL  # not a trivially small signal
+
+
+def test_protocols_give_different_features(protocol_outputs):
+  a, b = protocol_outputs["pytorch-fid"]["pool"], protocol_outputs["tf1"]["pool"]
+  assert np.max(np.abs(a - b)) > 100 * TOL
+
+
+def test_logits_head_is_optional(torch_shapes):
+  sd = golden.random_state_dict(torch_shapes, golden.SEED)
+  assert inc.has_logits(inc.convert_state_dict(sd))
+  trunk = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+  assert not inc.has_logits(inc.convert_state_dict(trunk))
+  with pytest.raises(ConversionError, match="fc.weight"):
+    inc.convert_state_dict(trunk, with_logits=True)
+  bad = dict(sd, **{"fc.weight": np.zeros((1000, 2048), np.float32)})
+  with pytest.raises(ConversionError, match="shape mismatch"):
+    inc.convert_state_dict(bad)
