@@ -104,6 +104,20 @@ def test_precision_recall_disjoint_identical_and_duplicates(pr8):
   assert pr8(real, dup) == np_precision_recall(real, dup)
 
 
+def test_float16_distances_as_adm_with_float32_fallback():
+  rng = np.random.default_rng(7)
+  real = rng.standard_normal((200, 32)).astype(np.float32)
+  fake = (rng.standard_normal((180, 32)) + 0.3).astype(np.float32)
+  mesh = gen_eval.make_mesh()
+  f32 = gen_eval.ManifoldPR(mesh, chunk=64)
+  f16 = gen_eval.ManifoldPR(mesh, chunk=64, distance_dtype="float16")
+  # float16 rounding only moves boundary points.
+  np.testing.assert_allclose(f16(real, fake), f32(real, fake), atol=0.03)
+  # Squared norms ~3e6 overflow float16 (max 65504): every chunk falls back to float32 exactly.
+  big_r, big_f = real * 300, fake * 300
+  assert f16(big_r, big_f) == f32(big_r, big_f)
+
+
 def test_precision_recall_matches_torch_fidelity(gold, pr8):
   ours = pr8(gold["prc_real"], gold["prc_fake"])
   # torch-fidelity's means are float32: 0.88 is stored as 0.87999999523.

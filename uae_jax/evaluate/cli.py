@@ -421,6 +421,7 @@ def cmd_probe(args) -> dict:
 def _gen_markdown(res: dict) -> str:
   """One-screen summary of `gen`."""
   def fmt(v):
+    """A metric with 4 decimals, or n/a."""
     return "n/a" if v is None else f"{v:.4f}"
   lines = [f"| FID | sFID | IS | precision | recall | samples |", "|---|---|---|---|---|---|",
            f"| {fmt(res['fid'])} | {fmt(res['sfid'])} | {fmt(res['inception_score'])} | "
@@ -546,6 +547,36 @@ def _add_data_args(p, default_split: str = ""):
   p.add_argument("--batch-size", type=int, default=0, help="global eval batch (default: config)")
 
 
+def _add_gen_args(g):
+  """Arguments of `gen`."""
+  g.add_argument("--samples", required=True, help="samples .npz: uint8 arr_0 (N, H, W, 3), "
+                 "optional arr_1 labels")
+  g.add_argument("--ref", required=True, help="reference .npz: ADM batch (arr_0 images + mu, "
+                 "sigma, mu_s, sigma_s), an image .npz, or `fid-stats` output (FID only)")
+  g.add_argument("--inception", default="", help=INCEPTION_HELP)
+  g.add_argument("--protocol", default="adm", choices=("adm", "torch-fidelity", "pytorch-fid"),
+                 help="input transform to match: adm = torch-fidelity = TF1 bilinear + "
+                      "(x-128)/128; pytorch-fid = PyTorch bilinear + 2x-1")
+  g.add_argument("--out", default="", help="JSON path (default: <samples>.gen_eval.json)")
+  g.add_argument("--per-device-batch", type=int, default=32)
+  g.add_argument("--cache-dir", default="", help="where reference features are cached "
+                 "(default: next to --ref)")
+  g.add_argument("--no-cache", action="store_true", help="never read or write the cache")
+  g.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigh"),
+                 help="matrix square root: scipy sqrtm (ADM, pytorch-fid) or symmetric eigh")
+  g.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood (ADM: 3)")
+  g.add_argument("--is-split-size", type=int, default=5000,
+                 help="IS split size (ADM: 5000); 0 = 10 equal splits")
+  g.add_argument("--distance-dtype", default="float32", choices=("float32", "float16"),
+                 help="precision/recall distances (ADM tries float16 first)")
+  g.add_argument("--label-sampling", default="", help="recorded in the report (default: "
+                 "inferred from arr_1 labels if present)")
+  g.add_argument("--max-samples", type=int, default=0, help="first N samples only (0 = all)")
+  g.add_argument("--no-progress", action="store_true")
+  g.add_argument("--multihost", action="store_true",
+                 default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+
+
 def parser() -> argparse.ArgumentParser:
   """The argparse parser of all subcommands."""
   p = argparse.ArgumentParser(prog="python -m uae_jax.evaluate", description=__doc__,
@@ -583,33 +614,8 @@ def parser() -> argparse.ArgumentParser:
   f.add_argument("--multihost", action="store_true",
                  default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
 
-  g = sub.add_parser("gen", help="FID, sFID, IS, precision, recall of samples (ADM evaluator)")
-  g.add_argument("--samples", required=True, help="samples .npz: uint8 arr_0 (N, H, W, 3), "
-                 "optional arr_1 labels")
-  g.add_argument("--ref", required=True, help="reference .npz: ADM batch (arr_0 images + mu, "
-                 "sigma, mu_s, sigma_s), an image .npz, or `fid-stats` output (FID only)")
-  g.add_argument("--inception", default="", help=INCEPTION_HELP)
-  g.add_argument("--protocol", default="adm", choices=("adm", "torch-fidelity", "pytorch-fid"),
-                 help="input transform to match: adm = torch-fidelity = TF1 bilinear + "
-                      "(x-128)/128; pytorch-fid = PyTorch bilinear + 2x-1")
-  g.add_argument("--out", default="", help="JSON path (default: <samples>.gen_eval.json)")
-  g.add_argument("--per-device-batch", type=int, default=32)
-  g.add_argument("--cache-dir", default="", help="where reference features are cached "
-                 "(default: next to --ref)")
-  g.add_argument("--no-cache", action="store_true", help="never read or write the cache")
-  g.add_argument("--fid-method", default="sqrtm", choices=("sqrtm", "eigh"),
-                 help="matrix square root: scipy sqrtm (ADM, pytorch-fid) or symmetric eigh")
-  g.add_argument("--k", type=int, default=3, help="precision/recall neighbourhood (ADM: 3)")
-  g.add_argument("--is-split-size", type=int, default=5000,
-                 help="IS split size (ADM: 5000); 0 = 10 equal splits")
-  g.add_argument("--distance-dtype", default="float32", choices=("float32", "float16"),
-                 help="precision/recall distances (ADM tries float16 first)")
-  g.add_argument("--label-sampling", default="", help="recorded in the report (default: "
-                 "inferred from arr_1 labels if present)")
-  g.add_argument("--max-samples", type=int, default=0, help="first N samples only (0 = all)")
-  g.add_argument("--no-progress", action="store_true")
-  g.add_argument("--multihost", action="store_true",
-                 default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  _add_gen_args(sub.add_parser("gen", help="FID, sFID, IS, precision, recall of samples "
+                                            "(ADM evaluator)"))
 
   q = sub.add_parser("probe", help="linear probe on band-0 and all-band encoder features")
   _add_model_args(q)

@@ -181,6 +181,7 @@ class InceptionFID:
   def __init__(self, variables: Mapping, reference: Optional[tuple] = None,
                replicated: Optional[jax.sharding.Sharding] = None, method: str = "sqrtm",
                preprocessing: str = "pytorch-fid"):
+    """Places the variables (replicated if given a sharding) and jits the feature functions."""
     self.method = method
     self.preprocessing = inception_lib.check_preprocessing(preprocessing)
     self.variables = variables if replicated is None else jax.device_put(variables, replicated)
@@ -190,6 +191,7 @@ class InceptionFID:
     self.features = jax.jit(lambda v, x: model.apply(v, _as_model_input(x)))
 
     def sums(v, x, mask):
+      """Masked feature sums of one batch."""
       return batch_sums(model.apply(v, _as_model_input(x)), mask)
 
     self._sums = jax.jit(sums, out_shardings=replicated)

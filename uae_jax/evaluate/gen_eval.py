@@ -72,6 +72,7 @@ class NpzImages:
   """A uint8 (N, H, W, 3) array inside an .npz, read in row ranges without loading it whole."""
 
   def __init__(self, path: str, key: str = "arr_0"):
+    """Opens `path`, validates the header of `key` and the member size."""
     self.path, self.key = path, key
     if not os.path.exists(path):
       raise LoadError(f"{path}: no such file")
@@ -115,6 +116,7 @@ class NpzImages:
       raise LoadError(f"{what} Fortran order; expected a C-ordered array")
 
   def __len__(self) -> int:
+    """Number of images."""
     return self.shape[0]
 
   def read(self, start: int, stop: int) -> np.ndarray:
@@ -266,12 +268,13 @@ def _global_from_host(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 def squared_distances(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Array:
   """ADM's pairwise squared Euclidean distances max(|a|^2 - 2 a.b + |b|^2, 0), as float32."""
-  a, b = a.astype(dtype), b.astype(dtype)
-  na = jnp.sum(a * a, axis=1)[:, None]
-  nb = jnp.sum(b * b, axis=1)[None, :]
-  d = jnp.maximum(na - 2 * jnp.matmul(a, b.T, precision=_HIGHEST) + nb, 0)
+  u, v = a.astype(dtype), b.astype(dtype)
+  nu = jnp.sum(u * u, axis=1)[:, None]
+  nv = jnp.sum(v * v, axis=1)[None, :]
+  d = jnp.maximum(nu - 2 * jnp.matmul(u, v.T, precision=_HIGHEST) + nv, 0)
   if dtype != jnp.float32:
-    # ADM: the float16 block is used only if it is finite everywhere, else recomputed in float32.
+    # ADM: the float16 block is used only if it is finite everywhere, else recomputed in float32
+    # from the original features.
     d32 = squared_distances(a.astype(jnp.float32), b.astype(jnp.float32))
     d = jnp.where(jnp.all(jnp.isfinite(d)), d.astype(jnp.float32), d32)
   return d
@@ -280,6 +283,7 @@ def squared_distances(a: jax.Array, b: jax.Array, dtype=jnp.float32) -> jax.Arra
 def _kth_smallest(rows, cols, valid, k: int, dtype):
   """Per row: the (k+1)-th smallest squared distance to the valid columns (self included)."""
   def body(best, xs):
+    """Merges one column chunk into the running k+1 smallest distances."""
     c, v = xs
     d = jnp.where(v[None, :], squared_distances(rows, c, dtype), jnp.inf)
     best = -jax.lax.top_k(-jnp.concatenate([best, d], axis=1), k + 1)[0]
@@ -292,6 +296,7 @@ def _kth_smallest(rows, cols, valid, k: int, dtype):
 def _covered(rows, cols, radii, valid, dtype):
   """Per row: is it within the radius of some valid column point (distance <= radius)?"""
   def body(acc, xs):
+    """ORs in the rows covered by one column chunk."""
     c, r, v = xs
     hit = (squared_distances(rows, c, dtype) <= r[None, :]) & v[None, :]
     return acc | jnp.any(hit, axis=1), None
@@ -304,6 +309,7 @@ class ManifoldPR:
 
   def __init__(self, mesh: Mesh, k: int = ADM_K, chunk: int = 1024,
                distance_dtype: str = "float32"):
+    """Builds the two jitted kernels (radii, coverage) for `mesh`."""
     if distance_dtype not in ("float32", "float16"):
       raise ValueError(f"distance_dtype must be 'float32' or 'float16', got {distance_dtype!r}")
     self.mesh, self.k, self.chunk = mesh, int(k), int(chunk)
@@ -367,6 +373,7 @@ class GenFeatureExtractor:
 
   def __init__(self, variables: Mapping, preprocessing: str = "tf1",
                per_device_batch: int = 32, mesh: Optional[Mesh] = None):
+    """Places the variables replicated and jits the forward for `mesh` (default: all)."""
     self.mesh = mesh if mesh is not None else make_mesh()
     self.preprocessing = inception_lib.check_preprocessing(preprocessing)
     self.with_logits = inception_lib.has_logits(variables)
@@ -378,6 +385,7 @@ class GenFeatureExtractor:
     model = inception_lib.FIDInception(preprocessing=preprocessing, with_logits=self.with_logits)
 
     def forward(v, images):
+      """The three feature sets of one global batch."""
       out = model.apply(v, images, return_blocks=True)
       res = {"pool": out["pool"], "spatial": out["spatial"].reshape(images.shape[0], -1)}
       if self.with_logits:
@@ -425,6 +433,7 @@ class GenFeatureExtractor:
     pending = None
 
     def collect(result, count):
+      """Appends the valid rows of a finished batch to the host lists."""
       for k, v in jax.device_get(result).items():
         out[k].append(np.asarray(v[:count], np.float32))
       bar.update(count)

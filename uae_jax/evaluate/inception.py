@@ -535,6 +535,7 @@ def make_feature_fn(variables: Mapping, dtype: Any = jnp.float32,
                        with_logits=has_logits(variables))
 
   def features(v, images):
+    """Pool features of `images` under variables `v`."""
     return model.apply(v, images)
 
   return functools.partial(features, variables)
