@@ -14,6 +14,7 @@ from uae_jax.errors import ConfigError
 # config.task -> module path; modules are imported on demand so a task's dependencies stay its own.
 REGISTRY = {
     "uae": "uae_jax.tasks.uae",
+    "qgvae": "uae_jax.tasks.qgvae",
 }
 
 
