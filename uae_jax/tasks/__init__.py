@@ -15,6 +15,8 @@ from uae_jax.errors import ConfigError
 REGISTRY = {
     "uae": "uae_jax.tasks.uae",
     "qgvae": "uae_jax.tasks.qgvae",
+    "kl_vae": "uae_jax.tasks.kl_vae",
+    "dit": "uae_jax.tasks.dit",
 }
 
 
