@@ -1,0 +1,225 @@
+"""The frozen tokenizer of latent generation: load a trained UAE, its latent statistics, (de)normalise.
+
+A DiT config names its tokenizer with `tokenizer.config` (the UAE run's config file spec, e.g.
+'configs/stage3.py' or 'configs/stage1.py:tiny') and `tokenizer.workdir` (that run's workdir:
+its newest checkpoint's EMA params are used). The latent the DiT models is the UAE's
+deterministic `tokenize` output (paper recipe: the fused clean bands; official recipe: the
+zig-zag DCT low-pass), normalised per element:
+  z_n = (z - mean) / sqrt(var + 1e-5),   mean, var of shape (H, W, C)
+with mean and var computed once, exactly, over the training split (ADM centre crop, each image
+and its horizontal mirror, float64 accumulation of per-batch centred moments across batches and
+hosts) and stored as an .npz (`python -m uae_jax.generate stats --config=...`). Training computes
+and stores them on first use if the file does not exist yet.
+
+    python -m uae_jax.generate stats --config=configs/dit.py:tiny [--config.tokenizer.stats=F]
+"""
+import importlib.util
+import os
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from etils import epath
+
+from uae_jax.errors import ConfigError, LoadError
+
+STATS_EPS = 1e-5
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ------------------------------------------------------------------------------ the tokenizer
+def load_config_spec(spec: str):
+  """`get_config(arg)` of a config file spec 'path.py[:arg]' (relative to cwd or the repo)."""
+  path, _, arg = spec.partition(":")
+  candidates = [path, os.path.join(REPO_ROOT, path)]
+  found = next((p for p in candidates if os.path.isfile(p)), None)
+  if found is None:
+    raise ConfigError(f"tokenizer.config={spec!r}: no such config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location(f"_tok_cfg_{abs(hash(found))}", found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    return module.get_config(arg or None)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"tokenizer.config={spec!r}: {e.args[0] if e.args else e}") from None
+
+
+def tokenizer_config(config):
+  """The UAE config of the DiT config's tokenizer."""
+  return load_config_spec(config.tokenizer.config)
+
+
+def build_tokenizer(uae_cfg) -> nn.Module:
+  """The UAE module of a tokenizer config (built by the tokenizer task)."""
+  from uae_jax.tasks import uae as uae_task  # pylint: disable=g-import-not-at-top
+  return uae_task.build_model(uae_cfg)
+
+
+def latent_shape(uae_cfg) -> tuple:
+  """(H, W, C) of the tokenizer's latent grid."""
+  from uae_jax.models import encoders  # pylint: disable=g-import-not-at-top
+  enc = dict(uae_cfg.model.encoder)
+  g = encoders.latent_grid(enc)
+  return (g, g, encoders.latent_dim(enc))
+
+
+def abstract_tokenizer_params(uae_cfg):
+  """Unboxed abstract params of the tokenizer (nothing is allocated)."""
+  s = uae_cfg.input.image_size
+  images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
+  key = jax.random.key(0)
+  tree = jax.eval_shape(lambda k: build_tokenizer(uae_cfg).init(
+      {"params": k, "noise": k}, jnp.zeros(images.shape), train=False), key)
+  return nn.unbox(tree)["params"]
+
+
+def load_tokenizer_params(config, uae_cfg) -> dict:
+  """Host EMA params of the tokenizer run in `tokenizer.workdir` (random if `allow_random`)."""
+  from uae_jax.checkpoint import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
+  tok = config.tokenizer
+  if not tok.workdir:
+    if not tok.allow_random:
+      raise ConfigError("tokenizer.workdir is empty: point it at a trained UAE run (or set "
+                        "tokenizer.allow_random=True for a toy run)")
+    logging.warning("=" * 78 + "\nTOKENIZER IS RANDOMLY INITIALISED (tokenizer.workdir unset). "
+                    "Toy runs only.\n" + "=" * 78)
+    s = uae_cfg.input.image_size
+    return jax.device_get(nn.unbox(build_tokenizer(uae_cfg).init(
+        {"params": jax.random.key(1), "noise": jax.random.key(1)}, jnp.zeros((1, s, s, 3)),
+        train=False))["params"])
+  sh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract_tokenizer_params(uae_cfg))
+  logging.info("tokenizer: EMA params from %s", tok.workdir)
+  out = ckpt_lib.restore_subtrees(tok.workdir, {"ema": abstract})
+  return jax.device_get(out["ema"])
+
+
+# ------------------------------------------------------------------------------ statistics
+def stats_path(config) -> str:
+  """Where the latent statistics live: `tokenizer.stats`, else next to the tokenizer run.
+
+  '' for a random toy tokenizer without `tokenizer.stats`: its statistics are never stored.
+  """
+  tok = config.tokenizer
+  if tok.stats or not tok.workdir:
+    return tok.stats
+  return os.path.join(tok.workdir, f"latent_stats_{config.input.source}_{config.input.split}.npz")
+
+
+def normalise(z, stats):
+  """(z - mean) / std with the stored per-element statistics."""
+  return (z - stats["mean"]) / stats["std"]
+
+
+def denormalise(z, stats):
+  """Inverse of `normalise`."""
+  return z * stats["std"] + stats["mean"]
+
+
+def combine_moments(acc: Optional[dict], n, mean, m2) -> dict:
+  """Chan et al.'s parallel update of (count, mean, M2) in float64."""
+  n, mean, m2 = float(n), np.asarray(mean, np.float64), np.asarray(m2, np.float64)
+  if acc is None or acc["n"] == 0:
+    return {"n": n, "mean": mean, "m2": m2}
+  if n == 0:
+    return acc
+  tot = acc["n"] + n
+  delta = mean - acc["mean"]
+  return {"n": tot, "mean": acc["mean"] + delta * (n / tot),
+          "m2": acc["m2"] + m2 + delta**2 * (acc["n"] * n / tot)}
+
+
+def _batch_moments_fn(model, hflip: bool):
+  """jit(params, images, mask) -> (count, mean, M2) of the batch's latents (and mirrors)."""
+  def fn(params, images, mask):
+    z = model.apply({"params": params}, images, method="tokenize").astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    if hflip:
+      z_f = model.apply({"params": params}, images[:, :, ::-1], method="tokenize")
+      z, m = jnp.concatenate([z, z_f.astype(jnp.float32)]), jnp.concatenate([m, m])
+    mb = m[:, None, None, None]
+    n = jnp.sum(m)
+    mean = jnp.sum(z * mb, 0) / jnp.maximum(n, 1.0)
+    return n, mean, jnp.sum(jnp.square(z - mean) * mb, 0)
+  return fn
+
+
+def compute_stats(config, uae_cfg, tok_params, hflip: bool = True, max_batches: int = 0) -> dict:
+  """Exact per-element mean / var of the normalisation latents over `input.split`."""
+  from uae_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from uae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+  batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  fn = jax.jit(_batch_moments_fn(build_tokenizer(uae_cfg), hflip), out_shardings=rep)
+  params = jax.device_put(tok_params, rep)
+  cfg = config.input.copy_and_resolve_references()
+  cfg.eval_max_examples = 0
+  it = pipeline.make_eval_iterator(cfg, split=config.input.split)
+  acc = None
+  for i, batch in enumerate(it):
+    if max_batches and i >= max_batches:
+      break
+    g = pipeline.to_global_array({k: batch[k] for k in ("image", "mask")}, batch_sh)
+    n, mean, m2 = jax.device_get(fn(params, g["image"], g["mask"]))
+    acc = combine_moments(acc, n, mean, m2)  # every host sees the same replicated moments
+  if acc is None or acc["n"] < 2:
+    raise ConfigError(f"input.split={config.input.split!r} gave fewer than 2 latents for statistics")
+  var = acc["m2"] / acc["n"]
+  return {"mean": acc["mean"].astype(np.float32), "var": var.astype(np.float32),
+          "count": np.int64(acc["n"])}
+
+
+def save_stats(path: str, stats: dict, info: dict) -> None:
+  """Writes the statistics (and string metadata) as an .npz; only process 0 writes."""
+  if jax.process_index() != 0:
+    return
+  epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  tmp = path + ".tmp.npz"
+  with open(tmp, "wb") as f:
+    np.savez(f, mean=stats["mean"], var=stats["var"], count=stats["count"],
+             **{f"info_{k}": np.asarray(str(v)) for k, v in info.items()})
+  os.replace(tmp, path)
+
+
+def load_stats(path: str, shape: tuple) -> dict:
+  """{'mean', 'var', 'std'} float32 (H, W, C) from a stats .npz; LoadError if unusable."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      mean, var = np.asarray(f["mean"], np.float32), np.asarray(f["var"], np.float32)
+  except (OSError, KeyError, ValueError) as e:
+    raise LoadError(f"{path}: not a latent statistics file ({type(e).__name__}: {e})") from None
+  if mean.shape != tuple(shape) or var.shape != tuple(shape):
+    raise LoadError(f"{path}: statistics of shape {mean.shape} but the tokenizer's latent is "
+                    f"{tuple(shape)}")
+  if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(var)) and np.all(var >= 0)):
+    raise LoadError(f"{path}: statistics hold non-finite or negative values")
+  return _with_std({"mean": mean, "var": var})
+
+
+def _with_std(stats: dict) -> dict:
+  """{'mean', 'var', 'std' = sqrt(var + 1e-5)} as float32 arrays."""
+  mean, var = np.asarray(stats["mean"], np.float32), np.asarray(stats["var"], np.float32)
+  return {"mean": mean, "var": var, "std": np.sqrt(var + STATS_EPS).astype(np.float32)}
+
+
+def ensure_stats(config, uae_cfg, tok_params, recompute: bool = False) -> dict:
+  """Loads the statistics file, computing and storing it first if it is missing."""
+  path = stats_path(config)
+  if not path:
+    return _with_std(compute_stats(config, uae_cfg, tok_params, hflip=config.train.hflip))
+  if recompute or not epath.Path(path).exists():
+    logging.info("latent statistics: one pass over %s/%s -> %s", config.input.source,
+                 config.input.split, path)
+    stats = compute_stats(config, uae_cfg, tok_params, hflip=config.train.hflip)
+    save_stats(path, stats, {"tokenizer_config": config.tokenizer.config,
+                             "tokenizer_workdir": config.tokenizer.workdir,
+                             "source": config.input.source, "split": config.input.split,
+                             "hflip": config.train.hflip})
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("latent_stats_written")
+  return load_stats(path, latent_shape(uae_cfg))

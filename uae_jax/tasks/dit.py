@@ -1,0 +1,291 @@
+"""Class-conditional latent generation: a DiT (DiT^DH or LightningDiT) trained by flow matching
+on the latents of a frozen, trained UAE. Pure functions; I/O only in `load_frozen`.
+
+The train state is a plain dict pytree:
+  step    int32 scalar
+  rng     uint32[2] key data
+  params  DiT params (the Fourier frequencies `t_embedder/freqs` are a fixed buffer: zero
+          update, copied into the EMA)
+  ema     EMA of params (decay `optim.ema_decay`, every step from init)
+  opt     AdamW state
+The step's frozen inputs are {'tokenizer': UAE EMA params, 'stats': latent mean/std}: the step
+encodes each image batch on the fly with the UAE in eval mode (after a random horizontal flip),
+normalises the latent per element and takes one flow-matching step on it (docs/generation.md
+says why on the fly rather than precomputed latents).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from uae_jax import tasks
+from uae_jax.errors import ConfigError
+from uae_jax.generate import latents
+from uae_jax.generate import samplers
+from uae_jax.generate import sampling
+from uae_jax.generate import transport
+from uae_jax.metric_writers import image_grid
+from uae_jax.models import dit as dit_lib
+from uae_jax.tasks import common
+from uae_jax.tasks.common import compute_dtype, total_steps
+
+
+# ------------------------------------------------------------------------------ models
+def build_model(config) -> nn.Module:
+  """The DiT of `config.model`."""
+  return dit_lib.build(config.model, compute_dtype(config))
+
+
+def build_tokenizer(config):
+  """(UAE config, UAE module) of the frozen tokenizer (eval mode, float32)."""
+  uae_cfg = latents.tokenizer_config(config)
+  return uae_cfg, latents.build_tokenizer(uae_cfg)
+
+
+def lr_schedule(config) -> optax.Schedule:
+  """Constant peak for `constant_epochs`, linear to `end_lr` at `decay_end_epochs`, then flat."""
+  o = config.optim
+  per_epoch = total_steps(config) / max(config.train.num_epochs, 1e-9)
+  start = int(round(o.constant_epochs * per_epoch))
+  length = max(int(round((o.decay_end_epochs - o.constant_epochs) * per_epoch)), 1)
+  return optax.join_schedules([optax.constant_schedule(o.peak_lr),
+                               optax.linear_schedule(o.peak_lr, o.end_lr, length)], [start])
+
+
+def is_buffer(path) -> bool:
+  """True for the fixed Fourier frequencies (`.../t_embedder/freqs`)."""
+  return any(getattr(k, "key", None) == dit_lib.FREQS for k in path)
+
+
+def make_optimizer(config):
+  """(AdamW after global-norm clipping, lr schedule); weight decay never touches the buffers.
+
+  The buffers get no gradient (stop_gradient in the model), so Adam's update for them is
+  exactly zero; the decay mask keeps them fixed for any `optim.weight_decay` too.
+  """
+  o, sched = config.optim, lr_schedule(config)
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda p, _: not is_buffer(p), params)
+  chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+  chain.append(optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*chain), sched
+
+
+# ------------------------------------------------------------------------------ config and state
+def _check_choice(key: str, value, choices) -> None:
+  """ConfigError naming `key` unless value is one of `choices`."""
+  if value not in choices:
+    raise ConfigError(f"{key}={value!r}: expected one of {sorted(choices)}")
+
+
+def validate(config) -> None:
+  """Checks the DiT config before any compute; raises ConfigError naming the key."""
+  m = config.model
+  compute_dtype(config)
+  _check_choice("model.kind", m.kind, dit_lib.KINDS)
+  _check_choice("model.size", m.size, dit_lib.SIZES)
+  if m.kind == "ddt":
+    _check_choice("model.head_size", m.head_size, dit_lib.HEAD_SIZES)
+  _check_choice("transport.time_dist", config.transport.time_dist, transport.TIME_DISTS)
+  _check_choice("transport.prediction", config.transport.prediction, transport.PREDICTIONS)
+  _check_choice("sample.method", config.sample.method, samplers.METHODS)
+  sampling.sampler_spec(config)
+  if m.input_size % m.patch_size:
+    raise ConfigError(f"model.input_size={m.input_size} is not a multiple of model.patch_size")
+  uae_cfg = latents.tokenizer_config(config)
+  shape = latents.latent_shape(uae_cfg)
+  if (m.input_size, m.input_size, m.in_channels) != shape:
+    raise ConfigError(f"model.input_size={m.input_size}, model.in_channels={m.in_channels} do not "
+                      f"fit the tokenizer's {shape[0]}x{shape[1]}x{shape[2]} latent "
+                      f"({config.tokenizer.config})")
+  if config.input.image_size != uae_cfg.input.image_size:
+    raise ConfigError(f"input.image_size={config.input.image_size} but the tokenizer "
+                      f"({config.tokenizer.config}) was trained at {uae_cfg.input.image_size}")
+  if not config.tokenizer.workdir and not config.tokenizer.allow_random:
+    raise ConfigError("tokenizer.workdir is empty: point it at a trained UAE run (or set "
+                      "tokenizer.allow_random=True for a toy run)")
+  if config.tokenizer.workdir and not latents.epath.Path(config.tokenizer.workdir).exists():
+    raise ConfigError(f"tokenizer.workdir={config.tokenizer.workdir!r} does not exist")
+  if config.optim.decay_end_epochs < config.optim.constant_epochs:
+    raise ConfigError("optim.decay_end_epochs must be >= optim.constant_epochs")
+
+
+def batch_spec(config) -> dict:
+  """One example of a train batch: an image in [0, 1] and its class label."""
+  s = config.input.image_size
+  return {"image": jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
+          "label": jax.ShapeDtypeStruct((1,), jnp.int32)}
+
+
+def _dummy_inputs(config, batch: int = 1):
+  """Zero (x, t, y) of the DiT's input shapes."""
+  m = config.model
+  return (jnp.zeros((batch, m.input_size, m.input_size, m.in_channels), jnp.float32),
+          jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32))
+
+
+def init_state(config, rng) -> dict:
+  """Fresh train state (boxed params, for sharding inference)."""
+  k_model, k_state = jax.random.split(rng)
+  params = build_model(config).init({"params": k_model, "label_dropout": k_model},
+                                    *_dummy_inputs(config))["params"]
+  tx, _ = make_optimizer(config)
+  return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(k_state),
+          "params": params, "ema": params, "opt": tx.init(params)}
+
+
+def load_frozen(config) -> dict:
+  """Host arrays of the frozen tokenizer (EMA params) and the latent statistics."""
+  uae_cfg = latents.tokenizer_config(config)
+  tok_params = latents.load_tokenizer_params(config, uae_cfg)
+  stats = latents.ensure_stats(config, uae_cfg, tok_params)
+  logging.info("latent statistics: mean |mean| %.4f, mean std %.4f",
+               float(np.abs(stats["mean"]).mean()), float(stats["std"].mean()))
+  return {"tokenizer": tok_params, "stats": {"mean": stats["mean"], "std": stats["std"]}}
+
+
+def initialize(config, state: dict, ctx) -> dict:
+  """Nothing to load: a DiT starts from its own initialisation."""
+  del config, ctx
+  return state
+
+
+# ------------------------------------------------------------------------------ the step
+def encode_batch(config, tokenizer, frozen, images, rng=None):
+  """Normalised latents (B, H, W, C) of an image batch; random horizontal flip when `rng`."""
+  if rng is not None and config.train.hflip:
+    flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
+    images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  z = tokenizer.apply({"params": frozen["tokenizer"]}, images, method="tokenize")
+  return jax.lax.stop_gradient(latents.normalise(z.astype(jnp.float32), frozen["stats"]))
+
+
+def class_labels(config, labels):
+  """Dataset labels for the DiT: negative (unlabelled) and out-of-range ones become the null class."""
+  n = config.model.num_classes
+  return jnp.where((labels >= 0) & (labels < n), labels, n).astype(jnp.int32)
+
+
+def loss_fn(config, model, params, x1, labels, rng, train: bool = True):
+  """(flow-matching loss, (per-sample MSE, t)) of the DiT on normalised latents x1."""
+  k_t, k_drop = jax.random.split(rng)
+  apply = lambda x_t, t: model.apply({"params": params}, x_t, t, labels, train=train,
+                                     rngs={"label_dropout": k_drop})
+  loss, per, t = transport.flow_matching_loss(
+      apply, x1, k_t, config.transport.time_dist, sampling.time_shift_alpha(config),
+      config.transport.prediction)
+  return loss, (per, t)
+
+
+def ema_update(config, ema, params):
+  """EMA of the trained leaves; the fixed buffers are copied so they stay bit-identical."""
+  d = config.optim.ema_decay
+  return jax.tree_util.tree_map_with_path(
+      lambda p, e, q: q if is_buffer(p) else d * e + (1.0 - d) * q, ema, params)
+
+
+def make_train_step(config):
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)`."""
+  tx, sched = make_optimizer(config)
+  model = build_model(config)
+  _, tokenizer = build_tokenizer(config)
+
+  def train_step(state, batch, frozen):
+    step = state["step"]
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    k_flip, k_loss = jax.random.split(rng)
+    x1 = encode_batch(config, tokenizer, frozen, batch["image"], k_flip)
+    labels = class_labels(config, batch["label"])
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(config, model, p, x1, labels, k_loss),
+                                 has_aux=True)
+    (loss, (per, t)), grads = grad_fn(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, step=step + 1, params=params, opt=opt,
+                     ema=ema_update(config, state["ema"], params))
+    late = (t > 0.5).astype(jnp.float32)
+    metrics = dict(loss=loss, lr=sched(step), t_mean=jnp.mean(t), latent_std=jnp.std(x1),
+                   loss_t_hi=jnp.sum(per * late) / jnp.maximum(jnp.sum(late), 1.0),
+                   loss_t_lo=jnp.sum(per * (1 - late)) / jnp.maximum(jnp.sum(1 - late), 1.0),
+                   **common.norm_metrics(grads, params, updates))
+    return new_state, metrics
+
+  return train_step
+
+
+# ------------------------------------------------------------------------------ evaluation
+class Evaluator:
+  """Held-out flow-matching loss (raw and EMA params, fixed noise) and class-conditional grids."""
+
+  def __init__(self, config, ctx, frozen):
+    self.config, self.ctx, self.frozen = config, ctx, frozen
+    self.model = build_model(config)
+    _, self.tokenizer = build_tokenizer(config)
+    self._loss = jax.jit(self._eval_loss, out_shardings=ctx.replicated)
+    e = config.eval
+    n_cls = min(config.model.num_classes, e.grid_classes)
+    self.grid_labels = np.repeat(np.arange(n_cls, dtype=np.int32), e.grid_per_class)
+    m = config.model
+    self.grid_noise = np.asarray(jax.random.normal(
+        jax.random.key(e.seed), (len(self.grid_labels), m.input_size, m.input_size,
+                                 m.in_channels)), np.float32)
+    self._gen = {}
+    spec = sampling.sampler_spec(config, num_points=e.grid_num_points)
+    self._gen["samples_ema"] = self._generate_fn(spec)
+    if spec.guidance.active:
+      self._gen["samples_ema_noguide"] = self._generate_fn(
+          sampling.sampler_spec(config, num_points=e.grid_num_points, mode="none"))
+
+  def _generate_fn(self, spec):
+    """Jitted generate() for one sampler spec (replicated inputs: the grid is small)."""
+    gen = sampling.make_generate(self.model, self.tokenizer, self.config.transport.prediction,
+                                 spec, self.config.model.num_classes)
+    return jax.jit(lambda p, tok, st, noise, y, rng: gen(p, None, tok, st, noise, y, rng),
+                   out_shardings=self.ctx.replicated)
+
+  def _eval_loss(self, params, frozen, images, labels, mask, rng):
+    """(sum of masked per-sample losses, count) of one eval batch; no label dropout, no flip."""
+    x1 = encode_batch(self.config, self.tokenizer, frozen, images)
+    _, (per, _) = loss_fn(self.config, self.model, params, x1, class_labels(self.config, labels),
+                          rng, train=False)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(per * m), jnp.sum(m)
+
+  def evaluate(self, state) -> dict:
+    """eval/loss and eval_ema/loss over `eval_batches` batches of the eval split."""
+    from uae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    sums = {"eval/loss": [0.0, 0.0], "eval_ema/loss": [0.0, 0.0]}
+    it = pipeline.make_eval_iterator(self.config.input)
+    for i, batch in enumerate(it):
+      if self.config.eval_batches and i >= self.config.eval_batches:
+        break
+      g = pipeline.to_global_array({k: batch[k] for k in ("image", "label", "mask")},
+                                   self.ctx.batch_sh)
+      rng = jax.random.fold_in(jax.random.key(self.config.eval.seed), i)
+      for name, key in (("eval/loss", "params"), ("eval_ema/loss", "ema")):
+        s, n = jax.device_get(self._loss(state[key], self.frozen, g["image"], g["label"],
+                                         g["mask"], rng))
+        sums[name][0] += float(s)
+        sums[name][1] += float(n)
+    return {k: s / max(n, 1.0) for k, (s, n) in sums.items()}
+
+  def images(self, state) -> dict:
+    """One row per class of EMA samples (with the configured guidance, and without it)."""
+    out = {}
+    rng = jax.random.key(self.config.eval.seed)
+    per = self.config.eval.grid_per_class
+    for name, fn in self._gen.items():
+      imgs = np.asarray(jax.device_get(fn(state["ema"], self.frozen["tokenizer"],
+                                          self.frozen["stats"], self.grid_noise,
+                                          self.grid_labels, rng)), np.float32) / 255.0
+      out[name] = image_grid([list(imgs[i:i + per]) for i in range(0, len(imgs), per)])
+    return out
+
+
+TASK = tasks.Task(
+    validate=validate, batch_spec=batch_spec, init_state=init_state,
+    make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
+    load_frozen=load_frozen)
