@@ -12,6 +12,7 @@ Variants (comma-separated, e.g. `--config=configs/qgvae.py:qggan,tiny`):
   digits     the scikit-learn digits (8 x 8, upscaled to the image size) instead of the photos.
   tiny       shrunk for this CPU: 16 px, 16 tokens, 4 heads, D 16, K 32, small U-Nets.
   steps=N    tiny run length (default 60).
+  total=N    any variant for N steps, evaluated at the end (the small comparison in docs/qgvae.md).
 CIFAR-10 / ImageNet are not bundled: point `input` at a prepared ArrayRecord or TFDS dataset
 (docs/data.md); the defaults use the bundled photos (random 32 px crops of 48 px resizes).
 """
@@ -42,7 +43,7 @@ def model_config(qggan: bool, patch: bool) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   """QG-VAE config (demo size unless `qggan`; global tokens unless `patch`)."""
   a = common.parse_arg(arg, tiny=False, steps=60, qggan=False, patch=False, pyramid=False,
-                       nogan=False, digits=False)
+                       nogan=False, digits=False, total=0)
   c = ml_collections.ConfigDict()
   c.task = "qgvae"
   c.seed = 0
@@ -91,6 +92,11 @@ def get_config(arg=None):
 
   if a.tiny:
     tiny(c, a.steps)
+  if a.total:
+    # A short comparison run: evaluate, save and write images only at the end.
+    c.train.total_steps = a.total
+    c.ckpt.every_steps = c.image_every_steps = c.eval_every_steps = a.total
+    c.log_every_steps = max(a.total // 12, 1)
   return c
 
 

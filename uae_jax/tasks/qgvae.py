@@ -515,7 +515,100 @@ def decode_file_indices(config, params, indices: np.ndarray, batch: int = 16) ->
   return np.concatenate(out)
 
 
+
+# ------------------------------------------------------------------------------ compress CLI
+def restore_run(workdir: str, step=None) -> tuple:
+  """(config, params on one device, step) of a QG-VAE training run directory."""
+  from uae_jax.checkpoint import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from uae_jax.evaluate import cli as eval_cli  # pylint: disable=g-import-not-at-top
+  config, step = eval_cli.run_config_and_step(workdir, step)
+  if config.get("task") != "qgvae":
+    raise ConfigError(f"--workdir {workdir}: a {config.get('task')!r} run, not a qgvae run")
+  abstract = jax.eval_shape(functools.partial(init_state, config), jax.random.key(0))
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
+                        nn.unbox(abstract["params"]))
+  return config, ckpt_lib.restore_subtrees(workdir, {"params": target}, step)["params"], step
+
+
+def compress_report(config, params, input_config, max_images: int = 0) -> tuple:
+  """(metrics, indices, images) of a run on `input_config`'s eval split, on this host's devices."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from uae_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  cfg = copy.deepcopy(config)
+  cfg.input = input_config
+  cfg.eval_batches = 0
+  if max_images:
+    cfg.input.eval_max_examples = max_images
+  mesh = sharding_lib.make_mesh(ml_mesh(), jax.devices()[:1])
+  ctx = sharding_lib.Placement(mesh, None, None)
+  ev = Evaluator(cfg, ctx, {"lpips": load_frozen(cfg)["lpips"]})
+  metrics, idx, images = ev.run(params)
+  metrics["num_images"] = int(len(idx))
+  metrics["tokens"] = int(idx.shape[1])
+  return metrics, idx, images, ev
+
+
+def ml_mesh():
+  """A one-device mesh config."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(data=1, fsdp=1))
+
+
+def compress_main(argv=None) -> int:
+  """`compress`: indices file + metrics + progressive figure; `decompress`: file -> images."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from uae_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from uae_jax.evaluate import cli as eval_cli  # pylint: disable=g-import-not-at-top
+  from uae_jax.metric_writers import image_grid  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="python -m uae_jax.tasks.qgvae")
+  sub = p.add_subparsers(dest="cmd", required=True)
+  c = sub.add_parser("compress", help="encode an eval split to uint16 indices; metrics, figure")
+  c.add_argument("--workdir", required=True)
+  c.add_argument("--out", default="", help="output directory (default WORKDIR/compress)")
+  c.add_argument("--data", default="", help="'photos', 'array_record:DIR' or 'tfds:NAME'")
+  c.add_argument("--split", default="")
+  c.add_argument("--max-images", type=int, default=0)
+  d = sub.add_parser("decompress", help="decode an indices file back to images (.npz uint8)")
+  d.add_argument("--file", required=True)
+  d.add_argument("--workdir", required=True)
+  d.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  try:
+    config, params, step = restore_run(args.workdir)
+    if args.cmd == "decompress":
+      indices, meta = read_indices(args.file)
+      recon = decode_file_indices(config, params, indices)
+      np.savez_compressed(args.out, images=np.uint8(np.round(np.clip(recon, 0, 1) * 255)))
+      print(json.dumps({"images": int(len(recon)), "out": args.out, "source": meta["source"]}))
+      return 0
+    out = args.out or os.path.join(args.workdir, "compress")
+    os.makedirs(out, exist_ok=True)
+    inp = eval_cli.apply_data_arg(config.input, args.data, split=args.split)
+    metrics, idx, images, ev = compress_report(config, params, inp, args.max_images)
+    write_indices(os.path.join(out, "indices.npz"), idx, config, args.workdir, step)
+    metrics["file_bytes"] = os.path.getsize(os.path.join(out, "indices.npz"))
+    Image.fromarray(image_grid(ev.progressive(params, images, num=min(6, len(images))))).save(
+        os.path.join(out, "progressive.png"))
+    metrics["prefix_tokens"] = prefix_lengths(config)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=1)
+    print(json.dumps(metrics))
+    return 0
+  except (UserError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 TASK = tasks.Task(
     validate=validate, batch_spec=batch_spec, init_state=init_state,
     make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
     load_frozen=load_frozen)
+
+
+if __name__ == "__main__":
+  import sys as _sys  # pylint: disable=g-import-not-at-top
+  _sys.exit(compress_main(_sys.argv[1:]))
