@@ -6,6 +6,7 @@ A config file's `get_config(arg)` takes a big_vision-style argument string, e.g.
 import ml_collections
 
 from uae_jax.data.config import default_input_config
+from uae_jax.models import encoders
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
@@ -24,8 +25,11 @@ def parse_arg(arg, **defaults):
   return out
 
 
-def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
+def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.ConfigDict:
   """Full-size defaults shared by every tokenizer stage (DINOv2-B with registers, ViT-XL decoder).
+
+  `encoder` picks the semantic encoder (dinov2 | clip | siglip2) at its full size; its latent grid,
+  width, pixel statistics and official-recipe DCT counts follow from `models/encoders.py`.
 
   The stage switches (`train.encoder_trainable`, `loss.semantic`, `model.noise_tau`,
   `gan.enabled`) are left off here; each `configs/stage*.py` writes the ones it turns on.
@@ -37,10 +41,10 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.encoder = ml_collections.ConfigDict(dict(
-      kind="dinov2", size="B", num_registers=4, input_size=224, pos_embed_grid=37,
-      pos_embed_convention="antialiased_bicubic", final_norm_affine=False, remat_policy="none",
-      scan_blocks=False))
+  if encoder not in encoders.DEFAULTS:
+    raise KeyError(f"encoder={encoder!r}: expected one of {sorted(encoders.DEFAULTS)}")
+  c.model.encoder = ml_collections.ConfigDict(dict(encoders.DEFAULTS[encoder],
+                                                   remat_policy="none", scan_blocks=False))
   # remat_policy: 'none' | 'full' | 'dots' | 'dots_no_batch'. scan_blocks: one nn.scan over
   # stacked block params (faster compiles; layout conversion in uae_jax/models/scan_utils.py).
   c.model.decoder = ml_collections.ConfigDict(dict(size="XL", patch_size=16, remat_policy="none",
@@ -58,9 +62,10 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
   c.model.p_band = 1.0              # probability that each high band is noised
   # Official recipe only: DCT zig-zag low-pass of the latent.
   c.model.dct_enabled = False
-  c.model.dct_count = 36
-  c.model.dct_count_min = 32
-  c.model.dct_count_max = 256
+  official = encoders.OFFICIAL_RECIPE[encoder]
+  c.model.dct_count = official["dct_count"]
+  c.model.dct_count_min = official["dct_count_min"]
+  c.model.dct_count_max = official["dct_count_max"]
   c.model.dct_apply_prob = 0.5
   c.compute_dtype = "float32"        # 'bfloat16' for bf16 compute with float32 master weights
 
@@ -87,7 +92,7 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, lpips=1.0, semantic=0.0,
       # Official recipe only: clean-reconstruction pass and zig-zag semantic loss.
-      clean_l1=0.0, clean_lpips=0.0, semantic_first_k=64))
+      clean_l1=0.0, clean_lpips=0.0, semantic_first_k=official["semantic_first_k"]))
 
   c.gan = ml_collections.ConfigDict(dict(
       enabled=False, backbone="S8", weight=0.75, max_weight=1e4, d_start_frac=6 / 16,
@@ -95,7 +100,7 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
       disc_backbone_path=""))
 
   c.init = ml_collections.ConfigDict(dict(
-      dinov2="",            # converted DINOv2 dir (python -m uae_jax.convert dinov2 ...)
+      encoder="",           # pretrained encoder weights (python -m uae_jax.convert dinov2|clip|siglip2)
       official_uae="",      # official PyTorch UAE checkpoint to import (official recipe)
       from_stage="",        # previous stage's workdir (or checkpoint dir): start from its EMA
       allow_unfinished=False,  # accept a from_stage run that stopped before its last step
@@ -108,8 +113,10 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
   c.eval_batches = 0                 # 0 = the whole eval split (capped by eval_max_examples)
   # uint8 quantisation of reconstructions ('round', or 'truncate' as the official code); rFID runs
   # when both the converted FID Inception weights and the reference statistics are given.
+  # fid_preprocessing: 'pytorch-fid' or 'tf1' (TF1 bilinear, (x-128)/128: ADM's and the official
+  # UAE evaluator's protocol; docs/generation_eval.md).
   c.eval = ml_collections.ConfigDict(dict(uint8_mode="round", inception_path="", fid_stats="",
-                                          fid_method="sqrtm"))
+                                          fid_method="sqrtm", fid_preprocessing="pytorch-fid"))
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
   # Logical axis -> mesh axis. FSDP shards the model width; the batch goes over both axes.
@@ -120,7 +127,7 @@ def uae_base(recipe: str = "paper") -> ml_collections.ConfigDict:
 def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   """Shrinks a tokenizer config so it runs on this 2-core CPU: tiny encoder/decoder, 64 px, photos."""
   # 64 px images, encoder input 112 px -> an 8 x 8 latent grid, decoder patch 8 -> 64 px again.
-  c.model.encoder.update(size="tiny", input_size=112, pos_embed_grid=8)
+  c.model.encoder.update(encoders.TINY[c.model.encoder.kind])
   c.model.decoder.update(size="tiny", patch_size=8)
   c.model.dct_count, c.model.dct_count_min, c.model.dct_count_max = 9, 8, 64
   c.model.band_method = "matmul"

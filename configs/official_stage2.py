@@ -3,15 +3,15 @@ low-pass (p = 0.5, keep ~ U{32..256}), noise, a 10x clean-reconstruction pass, t
 semantic loss (first 64 coefficients, weight 0.5) and a fresh discriminator; 17 epochs. The
 effective peak lr is 2e-4: the official YAML's 2e-5 is never read (docs/method.md#official-quirks).
 
-Variants: `:tiny`, `:tiny,steps=N`.
+Variants: `:encoder=clip` / `:encoder=siglip2`, `:tiny`, `:tiny,steps=N`.
 """
 from configs import common
 
 
 def get_config(arg=None):
   """Official stage-2 config."""
-  a = common.parse_arg(arg, tiny=False, steps=60)
-  c = common.uae_base(recipe="official")
+  a = common.parse_arg(arg, tiny=False, steps=60, encoder="dinov2")
+  c = common.uae_base(recipe="official", encoder=a.encoder)
   c.stage = 2
   c.train.encoder_trainable = True
   c.train.num_epochs = 17.0

@@ -1,14 +1,15 @@
 """Paper recipe, stage 1: encoder frozen; train the modulator and the decoder on L_rec; no noise.
 
-Set `--config.init.dinov2=<converted DINOv2 dir>`. Variants: `:tiny` (this CPU), `:tiny,steps=N`.
+Set `--config.init.encoder=<converted encoder dir>`. Variants: `:encoder=clip`, `:encoder=siglip2`,
+`:tiny` (this CPU), `:tiny,steps=N`.
 """
 from configs import common
 
 
 def get_config(arg=None):
   """Stage-1 config (full size unless `tiny`)."""
-  a = common.parse_arg(arg, tiny=False, steps=60)
-  c = common.uae_base(recipe="paper")
+  a = common.parse_arg(arg, tiny=False, steps=60, encoder="dinov2")
+  c = common.uae_base(recipe="paper", encoder=a.encoder)
   c.stage = 1
   c.train.encoder_trainable = False
   c.loss.semantic = 0.0

@@ -52,7 +52,7 @@ Running:
 Example (2 hosts):
   launch/tpu_vm.sh --name uae-v4 --zone us-central2-b --accelerator-type v4-16 \
     --project my-proj --config configs/stage1.py --workdir gs://my-bucket/uae/stage1 \
-    --config.init.dinov2=gs://my-bucket/weights/dinov2_vitb14_reg
+    --config.init.encoder=gs://my-bucket/weights/dinov2_vitb14_reg
 EOF
 }
 

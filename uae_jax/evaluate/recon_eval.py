@@ -98,7 +98,8 @@ class ReconstructionEvaluator:
     self.lpips_params = jax.device_put(lpips_params, self.replicated)
     if fid is None and section.get("inception_path") and section.get("fid_stats"):
       fid = fid_lib.InceptionFID.from_files(section["inception_path"], section["fid_stats"],
-                                            self.replicated, section.get("fid_method", "sqrtm"))
+                                            self.replicated, section.get("fid_method", "sqrtm"),
+                                            section.get("fid_preprocessing", "pytorch-fid"))
     self.fid = fid
     self._reference_cache = None  # inline reference statistics (the eval images do not change)
     self._band_decode = jax.jit(uae_task.make_band_decode(config))

@@ -160,5 +160,6 @@ def official_recipe(cfg: Mapping) -> dict:
 
 def normalisation(cfg: Mapping) -> Tuple[tuple, tuple]:
   """(mean, std) the encoder normalises pixels with; the pixel decoder must de-normalise with them."""
-  module = build(cfg)
+  # parent=None: a detached instance, so calling this inside another module's setup adds no child.
+  module = _kind(cfg).module(**module_kwargs(cfg), parent=None)
   return tuple(module.mean), tuple(module.std)

@@ -5,7 +5,7 @@ params it produced with the abstract params of the model the config builds (`jax
 `init`) and reports every difference at once:
 
     target = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-    check_same_shapes(params, target, "init.dinov2 /path/to/dinov2")
+    check_same_shapes(params, target, "init.encoder /path/to/dinov2")
 """
 from typing import Any, Dict, Tuple
 

@@ -29,7 +29,11 @@ class _Autoencoder(nn.Module):
 
   def setup(self):
     self.enc = encoders.build(self.encoder, self.dtype, name="encoder")
-    self.dec = decoder_lib.PixelDecoder(**self.decoder, dtype=self.dtype, name="decoder")
+    # The decoder predicts in the encoder's normalised pixel space, so it de-normalises with the
+    # encoder's statistics (ImageNet for DINOv2, CLIP's or SigLIP's own for those) unless told.
+    mean, std = encoders.normalisation(self.encoder)
+    self.dec = decoder_lib.PixelDecoder(**{"mean": mean, "std": std, **self.decoder},
+                                        dtype=self.dtype, name="decoder")
 
   def encode(self, images):
     """[0,1] images (B,S,S,3) -> clean latent grid z (B,H,W,C) in float32."""

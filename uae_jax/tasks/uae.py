@@ -105,22 +105,22 @@ def validate(config) -> None:
   if config.gan.backbone not in DISC_SIZES:
     raise ConfigError(f"gan.backbone={config.gan.backbone!r}: expected one of {sorted(DISC_SIZES)}")
   init = config.init
-  for key in ("dinov2", "official_uae", "from_stage"):
+  for key in ("encoder", "official_uae", "from_stage"):
     if init[key] and not epath.Path(init[key]).exists():
       raise ConfigError(f"init.{key}={init[key]!r} does not exist")
   if config.gan.disc_backbone_path and not epath.Path(config.gan.disc_backbone_path).exists():
     raise ConfigError(f"gan.disc_backbone_path={config.gan.disc_backbone_path!r} does not exist")
-  if not (init.dinov2 or init.from_stage or init.official_uae or init.allow_random_encoder):
-    raise ConfigError("no initialisation: set init.dinov2 (stage 1), init.from_stage (stages 2-3) "
+  if not (init.encoder or init.from_stage or init.official_uae or init.allow_random_encoder):
+    raise ConfigError("no initialisation: set init.encoder (stage 1), init.from_stage (stages 2-3) "
                       "or init.official_uae, or init.allow_random_encoder=True for a toy run")
-  if init.official_uae and config.loss.semantic > 0 and not (init.dinov2 or init.allow_random_encoder):
-    raise ConfigError("init.official_uae with loss.semantic > 0 needs init.dinov2: the semantic "
+  if init.official_uae and config.loss.semantic > 0 and not (init.encoder or init.allow_random_encoder):
+    raise ConfigError("init.official_uae with loss.semantic > 0 needs init.encoder: the semantic "
                       "teacher is the original pretrained encoder, not the imported fine-tuned one")
   if config.gan.enabled and not config.gan.disc_backbone_path and not init.allow_random_encoder:
     raise ConfigError("gan.enabled needs gan.disc_backbone_path (DINO ViT-S/8 weights)")
   if config.gan.enabled and max(config.gan.d_start_frac, config.gan.g_start_frac) > 1:
     raise ConfigError("gan.d_start_frac and gan.g_start_frac are fractions of the stage (<= 1)")
-  grid = config.model.encoder.input_size // 14
+  grid = encoders.latent_grid(config.model.encoder)
   if config.input.image_size != config.model.decoder.patch_size * grid:
     raise ConfigError(f"input.image_size={config.input.image_size} must be model.decoder.patch_size "
                       f"({config.model.decoder.patch_size}) x the encoder grid ({grid}) so the "
@@ -187,9 +187,9 @@ def initialize(config, state: dict, ctx) -> dict:
                         f"{prev_total}; finish it or set init.allow_unfinished=True")
     return dict(state, params=prev["ema"], ema=_copy(prev["ema"]), teacher=prev["teacher"])
   enc = None
-  if init.dinov2:
-    logging.info("init: encoder from %s", init.dinov2)
-    enc = ctx.place(encoders.load(init.dinov2, dict(config.model.encoder)), p_sh["encoder"])
+  if init.encoder:
+    logging.info("init: encoder from %s", init.encoder)
+    enc = ctx.place(encoders.load(init.encoder, dict(config.model.encoder)), p_sh["encoder"])
   if init.official_uae:
     logging.info("init: official UAE checkpoint %s", init.official_uae)
     params = ctx.place(uae_lib.load_official(init.official_uae, config.model), p_sh)
@@ -200,7 +200,7 @@ def initialize(config, state: dict, ctx) -> dict:
   if enc is not None:
     return dict(state, params=dict(state["params"], encoder=enc),
                 ema=dict(state["ema"], encoder=_copy(enc)), teacher=_copy(enc))
-  logging.warning("=" * 78 + "\nENCODER IS RANDOMLY INITIALISED (no init.dinov2 / from_stage). "
+  logging.warning("=" * 78 + "\nENCODER IS RANDOMLY INITIALISED (no init.encoder / from_stage). "
                   "The semantic band has no pretrained meaning; toy runs only.\n" + "=" * 78)
   return state
 
