@@ -272,6 +272,14 @@ def test_official_uae_clip_import_run_export(tmp_path, hf_clip):
   again, _ = clip_convert.import_official_uae_clip(str(tmp_path / "out.safetensors"),
                                                    encoder_input_size=112)
   _same(tables.flatten(again), tables.flatten(params))
+  # The trainer's path (`init.official_uae` with model.encoder.kind='clip') loads the same params.
+  import ml_collections
+  from configs import official_stage1
+  from uae_jax.models import uae as uae_lib
+  c = official_stage1.get_config("tiny,encoder=clip")
+  c.model.encoder = ml_collections.ConfigDict(dict(arch["encoder"]))
+  c.model.decoder = ml_collections.ConfigDict(dict(arch["decoder"]))
+  _same(tables.flatten(uae_lib.load_official(path, c.model)), tables.flatten(params))
 
 
 def test_official_uae_clip_refuses_post_layernorm_and_extra_keys(hf_clip):

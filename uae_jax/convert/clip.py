@@ -395,26 +395,11 @@ def uae_clip_to_state_dict(params: Mapping, *, decoder_grid: int = 16) -> Dict[s
   return official_uae_to_state_dict(p, enc_table, decoder_grid=decoder_grid)
 
 
-def read_official(path: str, which: str) -> Dict[str, np.ndarray]:
-  """The flat numpy state dict of an official checkpoint (training dict's `which` entry)."""
-  from uae_jax.convert import uae as uae_convert
-  if not os.path.exists(path):
-    raise ConversionError(f"{path}: no such file")
-  if path.lower().endswith((".safetensors", ".npz")):
-    obj = torch_io.read_checkpoint(path)
-  else:
-    obj = torch_io.load_torch(path)
-  sd = torch_io.to_numpy(uae_convert.select_state_dict(obj, which, path))
-  bad = sorted(k for k, v in sd.items() if not isinstance(v, np.ndarray))
-  if bad:
-    raise ConversionError(f"{path}: non-tensor entries in the state dict: {bad[:20]}")
-  return sd
-
-
 def import_official_uae_clip(path: str, which: str = "ema", *, encoder_input_size: int = 224
                              ) -> Tuple[dict, Dict[str, Any]]:
   """(UAE params, arch) from an official UAE-CLIP checkpoint (.pt training dict or flat file)."""
-  sd = read_official(path, which)
+  from uae_jax.convert import uae as uae_convert
+  sd = uae_convert.read_official(path, which)
   params, arch = uae_clip_from_state_dict(sd, encoder_input_size=encoder_input_size,
                                           context=f"converting {path}")
   arch["source"] = {"file": os.path.abspath(path), "which": which}

@@ -247,7 +247,8 @@ def uae_siglip_to_state_dict(params: Mapping, *, decoder_grid: int = 16) -> Dict
 def import_official_uae_siglip(path: str, which: str = "ema", *, encoder_input_size: int = 256
                                ) -> Tuple[dict, Dict[str, Any]]:
   """(UAE params, arch) from an official UAE-SigLIP2 checkpoint."""
-  sd = clip_convert.read_official(path, which)
+  from uae_jax.convert import uae as uae_convert
+  sd = uae_convert.read_official(path, which)
   params, arch = uae_siglip_from_state_dict(sd, encoder_input_size=encoder_input_size,
                                             context=f"converting {path}")
   arch["source"] = {"file": os.path.abspath(path), "which": which}

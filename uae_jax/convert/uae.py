@@ -319,15 +319,17 @@ def load_official(path: str, model_cfg: Mapping, *, which: str = "ema") -> dict:
   from uae_jax.errors import LoadError
   from uae_jax.models import dinov2, scan_utils, tree_check
   enc_cfg, dec_cfg = dict(model_cfg["encoder"]), dict(model_cfg["decoder"])
-  if enc_cfg.get("kind", "dinov2") != "dinov2":
-    raise LoadError(f"{path}: official UAE checkpoints hold a DINOv2 encoder, but "
-                    f"model.encoder.kind={enc_cfg['kind']!r}")
-  enc_cfg.pop("kind", None)
-  params, arch = import_official_uae(
-      path, which, encoder_input_size=enc_cfg.get("input_size", 224),
-      encoder_num_heads=_custom_heads(enc_cfg), decoder_num_heads=_custom_heads(dec_cfg))
-  dinov2.check_arch(arch["encoder"], enc_cfg, path)
-  _check_decoder_arch(arch["decoder"], dec_cfg, path)
+  kind = enc_cfg.pop("kind", "dinov2")
+  if kind == "dinov2":
+    params, arch = import_official_uae(
+        path, which, encoder_input_size=enc_cfg.get("input_size", 224),
+        encoder_num_heads=_custom_heads(enc_cfg), decoder_num_heads=_custom_heads(dec_cfg))
+    dinov2.check_arch(arch["encoder"], enc_cfg, path)
+    _check_decoder_arch(arch["decoder"], dec_cfg, path)
+  else:  # UAE-CLIP / UAE-SigLIP2: the encoder's own key table; the shape check below decides
+    from uae_jax.convert import clip as clip_convert
+    size = {"encoder_input_size": enc_cfg["input_size"]} if enc_cfg.get("input_size") else {}
+    params, arch = clip_convert.official_importer(kind)(path, which, **size)
   params = scan_utils.match_layout(params, model_cfg)
   tree_check.check_same_shapes(params, model_abstract_params(model_cfg),
                                f"official UAE checkpoint {path}")
