@@ -18,20 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import compiled_cost, matmul_peak
 from uae_jax.models import encoders
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-  """Measured float32 matmul FLOP/s of this machine (best of `reps`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
 
 
 def encoder_config(kind: str, tiny: bool) -> dict:
@@ -53,8 +41,7 @@ def compile_forward(cfg: dict, batch: int, image_size: int):
   t = time.perf_counter()
   compiled = fwd.lower(abstract, images).compile()
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = compiled_cost(compiled)
   return model, compiled, float(cost.get("flops", 0.0)), compile_s
 
 

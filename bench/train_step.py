@@ -24,22 +24,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import compiled_cost, matmul_peak  # noqa: E402
 from uae_jax import train  # noqa: E402
 from uae_jax.data import pipeline  # noqa: E402
 from uae_jax.metric_writers import quiet_library_logs  # noqa: E402
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-  """Measured float32 matmul FLOP/s of this machine (best of `reps`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
 
 
 # Stage-3 phases as (d_start_frac, g_start_frac): a fraction of 1.0 never starts in the run.
@@ -75,8 +63,7 @@ def bench_one(name: str, stage: int, steps: int, peak: float, phase: str = "full
     t = time.perf_counter()
     compiled = tr.train_step.lower(state, batches[0], tr.frozen).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = compiled_cost(compiled)
     flops = float(cost.get("flops", 0.0))
     for b in batches[:2]:  # warm-up
       state, m = tr.train_step(state, b, tr.frozen)

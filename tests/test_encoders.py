@@ -386,3 +386,42 @@ def test_spectrum_semantic_encoder_goes_through_the_registry(tmp_path, hf_clip):
   want = linear_probe.adaptive_avg_pool(
       jnp.asarray(ref.last_hidden_state[:, 1:].numpy().reshape(2, 8, 8, 64)), spectrum.GRID)
   assert _maxdiff(feats["clip"], want) <= TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# The three paper-recipe stages with each new encoder, through the trainer.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["clip", "siglip2"])
+def test_tiny_three_stages_train_with_each_encoder(tmp_path, kind):
+  """Stage 1 -> 2 -> 3 chained: PSNR improves, and the semantic target is the encoder's latent
+  (the layer the parity tests pin against transformers), so it starts at exactly zero."""
+  import importlib
+  from uae_jax import train
+  from uae_jax.data import pipeline
+  from uae_jax.tasks import uae as uae_task
+  prev, psnr = "", []
+  for stage, steps in ((1, 40), (2, 20), (3, 6)):
+    c = importlib.import_module(f"configs.stage{stage}").get_config(
+        f"tiny,steps={steps},encoder={kind}")
+    c.init.from_stage = prev
+    c.image_every_steps, c.gan.d_start_frac, c.gan.g_start_frac = 0, 0.0, 0.0
+    wd = str(tmp_path / f"s{stage}")
+    if stage == 2:  # first step: student == teacher, so L_sem is exactly 0
+      tr = train.Trainer(c, wd + "_probe")
+      it = pipeline.make_train_iterator(c.input)
+      state, _ = tr.initial_state(it)
+      model = uae_task.build_model(c)
+      x = tr.global_batch(it)["image"]
+      z = model.apply({"params": state["params"]}, x, method="encode")
+      direct = encoders.build(dict(c.model.encoder)).apply(
+          {"params": state["teacher"]}, x)
+      np.testing.assert_array_equal(np.asarray(z), np.asarray(direct))
+      _, m = tr.train_step(state, tr.global_batch(it), tr.frozen)
+      assert float(m["semantic"]) == 0.0
+      tr.close()
+    summary = train.train_and_evaluate(c, wd)
+    psnr.append((summary["eval_start"]["eval_ema/psnr"], summary["eval_end"]["eval_ema/psnr"]))
+    prev = wd
+  assert psnr[0][1] > psnr[0][0] + 1.0, psnr
+  assert psnr[2][1] > psnr[0][0] + 1.0, psnr
