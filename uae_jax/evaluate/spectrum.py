@@ -166,7 +166,7 @@ def vgg16_encoder(lpips_params: Optional[Mapping] = None, taps: Sequence[str] = 
 
 
 def dinov2_encoder(path: str, input_size: int = 224) -> Callable:
-  """DINOv2 patch tokens (HF `last_hidden_state` incl. the affine final LayerNorm, as §5.1)."""
+  """DINOv2 patch tokens (HF `last_hidden_state` with its affine final LayerNorm, as energy_exp)."""
   return semantic_encoder("dinov2", path, input_size)
 
 
