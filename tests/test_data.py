@@ -196,19 +196,39 @@ def test_prepare_resumes_after_interruption(tmp_path):
 # Transforms
 
 
+# uint8 levels of the ADM centre crop, computed once (Pillow 12.0.0) by an independent
+# implementation written from guided-diffusion's documentation: PIL BOX halvings while the short
+# side >= 2 * size, one BICUBIC resize with the short side to `size` and the long side round()ed,
+# then `Image.crop` at floor offsets. {(name, size): (sum of all levels, {(y, x): [r, g, b]})}.
+ADM_CROP_PINS = {
+    ('retina', 256): (17767593, {(0, 255): [2, 0, 1], (128, 128): [182, 41, 21],
+                                 (36, 192): [191, 76, 51], (204, 51): [214, 85, 65]}),
+    ('chelsea', 256): (22072768, {(0, 0): [123, 64, 50], (255, 255): [175, 153, 143],
+                                  (128, 128): [192, 152, 126], (36, 192): [130, 96, 66],
+                                  (204, 51): [166, 124, 102]}),
+    ('astronaut', 256): (22618811, {(0, 0): [147, 141, 148], (0, 255): [123, 117, 108],
+                                    (255, 0): [184, 167, 171], (128, 128): [20, 17, 9],
+                                    (204, 51): [175, 63, 32]}),
+    ('chelsea', 64): (1393429, {(0, 0): [130, 74, 62], (63, 63): [177, 155, 143],
+                                (32, 32): [194, 153, 124], (9, 48): [131, 98, 70],
+                                (51, 12): [159, 121, 99]}),
+}
+
+
 def test_eval_transform_matches_adm_center_crop(photos):
-  """ADM centre crop on real photos equals the guided-diffusion reference (<= 1 uint8 level)."""
-  for name in ('retina', 'chelsea', 'astronaut'):  # Two halvings; none; exactly 2x (one halving).
-    path = photos_lib.original_path(name)
-    img = Image.open(path).convert('RGB')
-    ref = _adm_center_crop_reference(img, 256)
-    ours = transforms.eval_transform(img, 256)
-    assert ours.shape == (256, 256, 3) and ours.dtype == np.float32
-    diff = np.abs(np.round(ours * 255).astype(np.int32) - ref.astype(np.int32))
-    assert diff.max() <= 1, (path, diff.max())
-  # The float conversion is ToTensor's: uint8 / 255 in float32.
-  np.testing.assert_array_equal(transforms.eval_transform(img, 256),
-                                transforms.center_crop_arr(img, 256).astype(np.float32) / 255)
+  """ADM centre crop on real photos: pinned uint8 levels, and the guided-diffusion copy exactly."""
+  # retina: two halvings; chelsea: none at 256, two with odd sizes at 64; astronaut: exactly 2x.
+  for (name, size), (level_sum, pixels) in ADM_CROP_PINS.items():
+    img = Image.open(photos_lib.original_path(name)).convert('RGB')
+    ours = transforms.eval_transform(img, size)
+    assert ours.shape == (size, size, 3) and ours.dtype == np.float32
+    levels = np.round(ours.astype(np.float64) * 255).astype(np.int64)
+    # ToTensor's float conversion exactly: every value is level / 255 in float32.
+    np.testing.assert_array_equal(ours, levels.astype(np.float32) / np.float32(255))
+    assert int(levels.sum()) == level_sum, (name, size, int(levels.sum()))
+    for (y, x), rgb in pixels.items():
+      assert levels[y, x].tolist() == rgb, (name, size, (y, x), levels[y, x].tolist())
+    np.testing.assert_array_equal(levels, _adm_center_crop_reference(img, size), err_msg=name)
   # The shipped file the bundled dataset copies is the image scikit-image serves.
   np.testing.assert_array_equal(
       np.asarray(Image.open(photos_lib.original_path('astronaut')).convert('RGB')), photos['astronaut'])
@@ -301,11 +321,13 @@ def test_eval_pass_is_ordered_padded_and_sharded(photos_dir):
       assert np.all(b['image'][~b['mask']] == 0)
       seen.extend(b['index'][b['mask']].tolist())
   assert sorted(seen) == list(range(10))
-  # Pixels are the ADM centre crop of the original file.
-  b = next(pipeline.make_eval_iterator(_cfg(photos_dir, image_size=256, global_batch_size=1)))
-  rec = sources.parse_record(sources.array_record_source(data_dir=photos_dir, split='test')[0])
-  ref = _adm_center_crop_reference(Image.open(io.BytesIO(rec['image'])).convert('RGB'), 256)
-  assert np.abs(np.round(b['image'][0] * 255) - ref).max() <= 1
+  # Pixels are exactly the ADM centre crop of the original file, for all 10 photos.
+  src = sources.array_record_source(data_dir=photos_dir, split='test')
+  for b in pipeline.make_eval_iterator(_cfg(photos_dir, global_batch_size=2)):
+    for i, img in zip(b['index'], b['image']):
+      rec = sources.parse_record(src[int(i)])
+      ref = _adm_center_crop_reference(Image.open(io.BytesIO(rec['image'])).convert('RGB'), 64)
+      np.testing.assert_array_equal(img, ref.astype(np.float32) / np.float32(255), err_msg=str(i))
 
 
 def test_orbax_checkpoint_of_iterator_state(photos_dir, tmp_path):

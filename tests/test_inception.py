@@ -112,20 +112,66 @@ def test_conversion_fails_loudly_and_lists_every_problem(torch_shapes):
   assert "shape mismatch" in msg and "Mixed_5b.branch1x1.bn.running_var" in msg
 
 
+# pytorch-fid's `InceptionV3` wrapper (pytorch_fid/inception.py, use_fid_inception=True) written
+# out by hand, not derived from the package's table: blocks[i][j] is the j-th module of block i.
+# Block 0 ends with a MaxPool (j = 3) and block 1 with one (j = 2); neither has parameters.
+PYTORCH_FID_BLOCKS = (
+    ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"),
+    ("Conv2d_3b_1x1", "Conv2d_4a_3x3"),
+    ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+     "Mixed_6e"),
+    ("Mixed_7a", "Mixed_7b", "Mixed_7c"),
+)
+
+# Literal pytorch-fid parameter names and the Flax variable each must land in. Mixed_6c/6d and
+# Mixed_7b/7c have identical shapes, so only the values tell a swapped table entry apart.
+PINNED_WRAPPER_KEYS = {
+    "blocks.0.0.bn.weight": ("params", "Conv2d_1a_3x3", "bn", "scale"),
+    "blocks.0.2.bn.running_mean": ("batch_stats", "Conv2d_2b_3x3", "bn", "mean"),
+    "blocks.1.1.bn.running_var": ("batch_stats", "Conv2d_4a_3x3", "bn", "var"),
+    "blocks.2.0.branch5x5_1.bn.bias": ("params", "Mixed_5b", "branch5x5_1", "bn", "bias"),
+    "blocks.2.3.branch3x3.bn.weight": ("params", "Mixed_6a", "branch3x3", "bn", "scale"),
+    "blocks.2.5.branch7x7_2.bn.weight": ("params", "Mixed_6c", "branch7x7_2", "bn", "scale"),
+    "blocks.2.6.branch7x7_2.bn.weight": ("params", "Mixed_6d", "branch7x7_2", "bn", "scale"),
+    "blocks.3.0.branch7x7x3_4.bn.bias": ("params", "Mixed_7a", "branch7x7x3_4", "bn", "bias"),
+    "blocks.3.1.branch_pool.bn.running_mean": ("batch_stats", "Mixed_7b", "branch_pool", "bn",
+                                               "mean"),
+    "blocks.3.2.branch_pool.bn.running_mean": ("batch_stats", "Mixed_7c", "branch_pool", "bn",
+                                               "mean"),
+}
+
+
+def _leaf_at(tree, path):
+  """The leaf of a nested dict at a tuple path."""
+  for k in path:
+    tree = tree[k]
+  return np.asarray(tree)
+
+
 def test_wrapper_layout_and_export_round_trip(torch_shapes, variables):
   sd = golden.random_state_dict(torch_shapes, golden.SEED)
-  # pytorch-fid's InceptionV3 wrapper names the same modules blocks.<i>.<j>.
+  # The same weights under pytorch-fid's wrapper names, renamed by the hand-written block list.
+  to_wrapper = {f"{name}.": f"blocks.{i}.{j}."
+                for i, names in enumerate(PYTORCH_FID_BLOCKS) for j, name in enumerate(names)}
   wrapper = {}
   for k, v in sd.items():
-    for new, old in inc._WRAPPER_PREFIXES.items():
-      if k.startswith(old):
-        k = new + k[len(old):]
-        break
-    wrapper[k] = v
-  assert any(k.startswith("blocks.3.2.") for k in wrapper)
+    prefix = next((p for p in to_wrapper if k.startswith(p)), None)
+    wrapper[k if prefix is None else to_wrapper[prefix] + k[len(prefix):]] = v
+  assert len(wrapper) == len(sd) and "fc.weight" in wrapper  # every conv renamed, fc kept
+  assert not any(k.startswith(("Conv2d_", "Mixed_")) for k in wrapper)
   converted = inc.convert_state_dict(wrapper)
-  for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(variables)):
-    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(converted) == jax.tree.structure(variables)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(converted), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  # Each pinned name, given a value of its own, lands where it must and nowhere else.
+  marked = dict(wrapper)
+  for n, key in enumerate(PINNED_WRAPPER_KEYS):
+    marked[key] = np.full_like(wrapper[key], 1000.0 + n)
+  converted = inc.convert_state_dict(marked)
+  for n, (key, path) in enumerate(PINNED_WRAPPER_KEYS.items()):
+    np.testing.assert_array_equal(_leaf_at(converted, path), 1000.0 + n, err_msg=key)
+  hits = sum(int(np.sum(np.asarray(x) >= 1000.0)) for x in jax.tree.leaves(converted))
+  assert hits == sum(wrapper[k].size for k in PINNED_WRAPPER_KEYS)
   exported = inc.export_state_dict(variables)
   assert set(exported) == set(inc.torch_state_dict_shapes(with_logits=True))
   for k, v in exported.items():
