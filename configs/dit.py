@@ -6,7 +6,8 @@
         --out=samples.npz
 
 Arguments: `size=XL|L|B|S`, `kind=ddt|lightning`, `tiny` (this CPU: the tiny UAE of
-`configs/stage1.py:tiny`, 8 x 8 x 64 latents, the bundled photos), `steps=N` (tiny only).
+`configs/stage1.py:tiny`, 8 x 8 x 64 latents, the bundled photos), `steps=N` (tiny only),
+`tok=UAE_RUN` (same as `--config.tokenizer.workdir=UAE_RUN`).
 Hyper-parameters are the reference stage-2 recipe: AdamW (0.9, 0.95), constant 2e-4 for 40
 epochs then linear to 2e-5 at epoch 800, grad clip 1.0, EMA 0.9995, batch 1024, logit-normal
 training times with the 16 x 16 x 768 time shift, label dropout 0.1, Euler-50 sampling.
@@ -108,8 +109,9 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   """DiT config (full size unless `tiny`)."""
-  a = common.parse_arg(arg, tiny=False, steps=300, size="XL", kind="ddt")
+  a = common.parse_arg(arg, tiny=False, steps=300, size="XL", kind="ddt", tok="")
   c = base(a.size, a.kind)
   if a.tiny:
     tiny(c, a.steps)
+  c.tokenizer.workdir = a.tok
   return c

@@ -227,6 +227,10 @@ def sample(args) -> dict:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     done = multihost_utils.broadcast_one_to_all(done)
   todo = [i for i in range(n_chunks) if not done[i]]
+  if args.max_chunks > 0 and len(todo) > args.max_chunks:
+    todo, stop_early = todo[:args.max_chunks], True
+  else:
+    stop_early = False
   logging.info("%d of %d chunks already done; %d to go", n_chunks - len(todo), n_chunks, len(todo))
   t0, made = time.time(), 0
   for k, i in enumerate(todo):
@@ -245,7 +249,10 @@ def sample(args) -> dict:
              "new_samples": made, "seconds": time.time() - t0,
              "images_per_sec": made / max(time.time() - t0, 1e-9), "nfe": _nfe(spec),
              "out": args.out}
-  if jax.process_index() == 0:
+  if stop_early:
+    print(f"stopped after {args.max_chunks} chunks (--max-chunks); run again to continue",
+          flush=True)
+  elif jax.process_index() == 0:
     _finish(args.out, paths, parts)
   return summary
 
@@ -318,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--label-sampling", default="equal", help="equal | random")
   s.add_argument("--seed", type=int, default=42)
   s.add_argument("--params", default="ema", help="ema | params")
+  s.add_argument("--max-chunks", type=int, default=0,
+                 help="stop after this many new chunks (0: all); run again to continue")
   s.add_argument("--guide-workdir", default="", help="autoguidance: the guide model's run")
   s.add_argument("--guide-config", default="", help="autoguidance: its config spec if unrecorded")
   t = sub.add_parser("stats", help="latent mean/std of the tokenizer over the training split")
