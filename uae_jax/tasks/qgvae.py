@@ -279,8 +279,8 @@ def discriminator_update(config, tx, state, x):
 
   (loss, (lr, lf)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["disc"])
   updates, opt = tx.update(grads, state["disc_opt"], state["disc"])
-  return optax.apply_updates(state["disc"], updates), opt, {"gan_d": loss, "logits_real": lr,
-                                                            "logits_fake": lf}
+  return optax.apply_updates(state["disc"], updates), opt, {"loss": loss, "gan_d": loss,
+                                                            "logits_real": lr, "logits_fake": lf}
 
 
 def maybe_reset(config, params, grad_mag, vq_log, step, rng):
