@@ -2,7 +2,7 @@
 
 Variants (comma-separated, big_vision style): `sd` (default: KL 1e-6), `esm` (ESM 0.01, delta 1.0,
 KL 0), `dsm` (DSM masking only, KL 0), `esm_dsm` (both); `size=f16d16|f8d4|f32d64|vq_f8d4|...`;
-`tiny` shrinks it for a CPU (64 px bundled photos, a 16 x 16 x 4 latent), `steps=N`.
+`tiny` shrinks it for a CPU (32 px bundled photos, a 16 x 16 x 4 latent), `steps=N`.
 Examples: `--config=configs/kl_vae.py:esm`, `--config=configs/kl_vae.py:tiny,dsm,steps=200`.
 """
 import ml_collections
@@ -81,11 +81,11 @@ def get_config(arg=None):
 
 
 def tiny(c, steps: int, size: str = "", gan: bool = False):
-  """CPU-sized: 64 px bundled photos, the `tiny` f4 model (16 x 16 x 4 latent), float32."""
+  """CPU-sized: 32 px bundled photos, the `tiny` f2 model (16 x 16 x 4 latent), float32."""
   c.model.size = size or "tiny"
   c.compute_dtype = "float32"
   c.input = common.default_input_config()
-  c.input.image_size = 64
+  c.input.image_size = 32
   c.input.global_batch_size = 8
   c.input.eval_global_batch_size = 8
   c.input.num_threads = 2

@@ -35,9 +35,9 @@ CONFIGS = {
     "f64d256": dict(channels=(128, 128, 256, 256, 512, 512, 1024), latent_channels=256),
     "vq_f8d4": dict(channels=(128, 256, 512, 512), latent_channels=4, quantize=True,
                     codebook_size=16384, vq_embed_dim=4),
-    # CPU-sized: f4, 64 px -> 16 x 16 x 4 (the f16 latent grid at 256 px).
-    "tiny": dict(channels=(32, 64, 64), latent_channels=4),
-    "tiny_vq": dict(channels=(32, 64, 64), latent_channels=4, quantize=True, codebook_size=256,
+    # CPU-sized: f2, 32 px -> 16 x 16 x 4 (the f16 latent grid at 256 px).
+    "tiny": dict(channels=(32, 64), latent_channels=4),
+    "tiny_vq": dict(channels=(32, 64), latent_channels=4, quantize=True, codebook_size=256,
                     vq_embed_dim=4),
 }
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -234,6 +234,27 @@ class KLVAE(nn.Module):
       z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(self.make_rng("sample"), mean.shape)
     return {"z": z, "mean": mean, "logvar": logvar, "kl": kl_divergence(mean, logvar),
             "recon": self.decode(z)}
+
+
+class KLVAETokenizer(KLVAE):
+  """The same autoencoder (same params) behind the [0, 1] tokenizer interface of the generators.
+
+  `tokenize(images)` -> the posterior mean (or the quantised grid) of images in [0, 1];
+  `decode(z)` -> images in [0, 1] (unclamped); `__call__(images, train=False)` reconstructs.
+  """
+
+  def tokenize(self, images):
+    """Deterministic latent of [0, 1] images."""
+    return self.latent(2.0 * images - 1.0)
+
+  def decode(self, z):
+    """Latent -> image in [0, 1] units."""
+    return (super().decode(z) + 1.0) / 2.0
+
+  def __call__(self, images, train: bool = False):
+    """Eval-mode reconstruction in [0, 1] (`train` is accepted for interface parity)."""
+    del train
+    return self.decode(self.tokenize(images))
 
 
 def build(name: str = "f16d16", dtype: Dtype = jnp.float32, **overrides) -> KLVAE:

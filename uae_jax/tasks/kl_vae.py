@@ -49,6 +49,16 @@ def build_model(config) -> kl_lib.KLVAE:
   return kl_lib.build(m.size, compute_dtype(config), **over)
 
 
+def build_tokenizer(config) -> kl_lib.KLVAETokenizer:
+  """The trained autoencoder behind the generators' [0, 1] `tokenize` / `decode` interface.
+
+  Same parameter tree as `build_model`, so a run's EMA params load into it unchanged.
+  """
+  m = build_model(config)
+  return kl_lib.KLVAETokenizer(m.channels, m.latent_channels, m.quantize, m.codebook_size,
+                               m.vq_embed_dim, m.vq_beta, jnp.float32)
+
+
 def build_discriminator(config) -> kl_lib.PatchDiscriminator:
   """The PatchGAN of `config.gan`."""
   g = config.gan
@@ -177,10 +187,10 @@ def generator_losses(config, model, params, x, lpips_params, rng, dsm_k):
     parts.update(vq_loss=out["vq_loss"], perplexity=out["perplexity"])
     total = total + loss.vq * out["vq_loss"]
   kw = esm_kwargs(config)
-  esm = spectrum.esm_loss(x, out["z"], loss.esm_delta, loss.esm_loss_type, **kw)
-  parts["sm_delta"] = esm
+  if loss.esm or loss.log_spectra:
+    parts["sm_delta"] = spectrum.esm_loss(x, out["z"], loss.esm_delta, loss.esm_loss_type, **kw)
   if loss.esm:
-    total = total + loss.esm * esm
+    total = total + loss.esm * parts["sm_delta"]
   if loss.log_spectra:
     # The raw-image-spectrum distance (delta = 0), a diagnostic only.
     parts["sm_rgb"] = jax.lax.stop_gradient(
@@ -401,7 +411,180 @@ class Evaluator:
     return {"recon_ema": image_grid(rows)}
 
 
+# ------------------------------------------------------------------------------ latent spectra
+def restore_tokenizer(workdir: str, step=None, which: str = "ema") -> tuple:
+  """(config, module with [0, 1] `tokenize`/`decode`, params) of a KL-VAE or UAE training run."""
+  from uae_jax import sharding as sharding_lib
+  from uae_jax.checkpoint import manager as ckpt_lib
+  from uae_jax.evaluate import cli as eval_cli
+  config, step = eval_cli.run_config_and_step(workdir, step)
+  mesh = eval_cli.make_mesh(config)
+  task = config.get("task", "uae")
+  if task == "uae":
+    from uae_jax.tasks import uae as uae_task
+    return config, uae_task.build_model(config), eval_cli.restore_run_params(workdir, config, mesh,
+                                                                             which, step)
+  if task != "kl_vae":
+    raise ConfigError(f"{workdir}: task {task!r} is not a tokenizer (expected uae or kl_vae)")
+  boxed = jax.eval_shape(lambda k: init_state(config, k)["params"], jax.random.key(0))
+  sh = sharding_lib.logical_shardings(boxed, mesh, config.sharding_rules)
+  target = sharding_lib.abstract_with_shardings(nn.unbox(boxed), sh)
+  params = ckpt_lib.restore_subtrees(workdir, {which: target}, step)[which]
+  return config, build_tokenizer(config), params
+
+
+def latent_spectrum(tokenizer, params, batches, delta: float = 1.0,
+                    lowpass_ks=(0, 2, 4, 6, 8), blur_skip_height: int = 32, fid=None) -> dict:
+  """Band distributions (analysis settings) of images and latents, KL, PCA, low-pass probe.
+
+  `batches` yields [0, 1] images (B, S, S, 3). The low-pass probe masks latent and image with the
+  DSM block mask of each k, decodes the masked latent and reports PSNR (and FID with `fid`, an
+  `InceptionFID`) between the decode and the masked image.
+  """
+  from uae_jax.evaluate import fid as fid_lib
+  from uae_jax.evaluate import metrics as metrics_lib
+
+  @jax.jit
+  def analyse(p, images):
+    z = tokenizer.apply({"params": p}, images, method="tokenize")
+    return z, spectrum.analysis_distributions(2.0 * images - 1.0, z, delta,
+                                              blur_skip_height=blur_skip_height)
+
+  @jax.jit
+  def lowpass(p, images, z, k):
+    x_bar = (spectrum.dsm_mask(2.0 * images - 1.0, k) + 1.0) / 2.0
+    dec = tokenizer.apply({"params": p}, spectrum.dsm_mask(z, k), method="decode")
+    return metrics_lib.psnr(jnp.clip(dec, 0, 1), jnp.clip(x_bar, 0, 1)), dec, x_bar
+
+  dists, latents, psnr = {}, [], {int(k): [] for k in lowpass_ks}
+  stats = {int(k): (fid_lib.FeatureStats(), fid_lib.FeatureStats()) for k in lowpass_ks}
+  for images in batches:
+    images = jnp.asarray(images, jnp.float32)
+    z, d = analyse(params, images)
+    for key, v in jax.device_get(d).items():
+      dists.setdefault(key, []).append(np.asarray(v, np.float64))
+    latents.append(np.asarray(z[:4]))
+    grid_ok = z.shape[1] % spectrum.DSM_BLOCK == 0 and z.shape[2] % spectrum.DSM_BLOCK == 0
+    for k in psnr if grid_ok else ():
+      value, dec, x_bar = lowpass(params, images, z, jnp.int32(k))
+      psnr[k].append(np.asarray(value, np.float64))
+      if fid is not None:
+        mask = jnp.ones(images.shape[:1], bool)
+        stats[k][0].add_sums(jax.device_get(fid.batch_sums(jnp.clip(dec, 0, 1), mask)))
+        stats[k][1].add_sums(jax.device_get(fid.batch_sums(jnp.clip(x_bar, 0, 1), mask)))
+  d = {k: np.concatenate(v) for k, v in dists.items()}
+  out = {"num_images": int(d["kl"].shape[0]), "delta": delta, "latent_shape": list(z.shape[1:]),
+         "kl_mean": float(d["kl"].mean()), "kl_std": float(d["kl"].std())}
+  for key in ("image", "target", "latent"):
+    out[key] = {"mean": d[key].mean(0).tolist(), "std": d[key].std(0).tolist()}
+  out["lowpass"] = {str(k): {"psnr": float(np.concatenate(v).mean())} for k, v in psnr.items() if v}
+  if fid is not None:
+    for k, (fake, real) in stats.items():
+      if psnr[k]:
+        out["lowpass"][str(k)]["fid"] = fid.distance(fake, real.mean_cov())
+  out["pca_rgb"] = spectrum.pca_rgb(np.concatenate(latents)[:8])
+  return out
+
+
+def plot_latent_spectrum(report: dict, path: str, title: str = "") -> None:
+  """Band distributions (image, target, latent, log scale) and the latent PCA pictures."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pca = report["pca_rgb"]
+  fig, axes = plt.subplots(1, 1 + len(pca), figsize=(5 + 1.6 * len(pca), 4),
+                           gridspec_kw={"width_ratios": [3] + [1] * len(pca)})
+  ax, bins = axes[0], np.arange(spectrum.NUM_BINS)
+  for key, style in (("image", "k-"), ("target", "k--"), ("latent", "r-")):
+    m, s = np.asarray(report[key]["mean"]), np.asarray(report[key]["std"])
+    label = f"target delta={report['delta']}" if key == "target" else key
+    ax.semilogy(bins, m, style, label=label)
+    ax.fill_between(bins, np.maximum(m - s, 1e-4), m + s, alpha=0.15, color=style[0])
+  ax.set_xlabel("radial DCT bin (16 bins)")
+  ax.set_ylabel("normalised band distribution")
+  ax.set_title(f"{title} KL(target||latent) = {report['kl_mean']:.4f}")
+  ax.legend(fontsize=8)
+  for a, img in zip(axes[1:], pca):
+    a.imshow(img, interpolation="nearest")
+    a.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def add_latent_spectrum_args(p) -> None:
+  """The arguments of the `latent-spectrum` command."""
+  p.add_argument("--workdir", required=True, help="a kl_vae or uae training run")
+  p.add_argument("--step", type=int, default=None)
+  p.add_argument("--raw", action="store_true", help="raw params instead of the EMA")
+  p.add_argument("--split", default="", help="default: the run's eval split")
+  p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+  p.add_argument("--delta", type=float, default=1.0, help="target flattening (j + 1)^delta")
+  p.add_argument("--lowpass-k", default="0,2,4,6,8", help="DSM low-pass probe k values")
+  p.add_argument("--blur-skip-height", type=int, default=32, help="0: always blur the image")
+  p.add_argument("--inception", default="", help="FID Inception weights (low-pass FID)")
+  p.add_argument("--out", default="", help="output dir (default: <workdir>/latent_spectrum)")
+
+
+def cmd_latent_spectrum(args) -> dict:
+  """Runs the analysis on a run's eval split; prints the table, writes JSON and PNG."""
+  import json
+  import os
+  from uae_jax.data import pipeline
+  config, tok, params = restore_tokenizer(args.workdir, args.step,
+                                          "params" if args.raw else "ema")
+  cfg = config.input
+  if args.split:
+    cfg.eval_split = args.split
+
+  def batches():
+    for i, b in enumerate(pipeline.make_eval_iterator(cfg)):
+      if args.max_batches and i >= args.max_batches:
+        return
+      yield np.asarray(b["image"], np.float32)[np.asarray(b["mask"], bool)]
+
+  fid = None
+  if args.inception:
+    from uae_jax.evaluate import fid as fid_lib
+    fid = fid_lib.InceptionFID.from_files(args.inception)
+  ks = tuple(int(k) for k in args.lowpass_k.split(",") if k)
+  rep = latent_spectrum(tok, params, batches(), args.delta, ks, args.blur_skip_height, fid)
+  out = args.out or os.path.join(args.workdir, "latent_spectrum")
+  os.makedirs(out, exist_ok=True)
+  plot_latent_spectrum(rep, os.path.join(out, "latent_spectrum.png"), config.get("task", ""))
+  rep = dict(rep, pca_rgb=None)
+  with open(os.path.join(out, "latent_spectrum.json"), "w") as f:
+    json.dump(rep, f, indent=1)
+  print(f"{rep['num_images']} images, latent {rep['latent_shape']}, KL(target||latent) = "
+        f"{rep['kl_mean']:.4f} +- {rep['kl_std']:.4f}")
+  for key in ("image", "target", "latent"):
+    print(f"{key:>7}: " + " ".join(f"{v:.4f}" for v in rep[key]["mean"]))
+  for k, v in rep["lowpass"].items():
+    print(f"low-pass k={k}: " + " ".join(f"{n}={x:.3f}" for n, x in v.items()))
+  return rep
+
+
+def main(argv=None):
+  """`python -m uae_jax.tasks.kl_vae latent-spectrum --workdir RUN ...`."""
+  import argparse
+  import sys
+  from uae_jax.errors import UserError
+  p = argparse.ArgumentParser(prog="python -m uae_jax.tasks.kl_vae")
+  sub = p.add_subparsers(dest="cmd", required=True)
+  add_latent_spectrum_args(sub.add_parser("latent-spectrum", help="latent spectrum analysis"))
+  args = p.parse_args(argv)
+  try:
+    return cmd_latent_spectrum(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
 TASK = tasks.Task(
     validate=validate, batch_spec=batch_spec, init_state=init_state,
     make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
     load_frozen=load_frozen)
+
+
+if __name__ == "__main__":
+  main()
