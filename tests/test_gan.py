@@ -158,22 +158,6 @@ def test_adaptive_weight_formula_cap_and_no_gradient():
   np.testing.assert_array_equal(grad, 0.0)
 
 
-def test_last_layer_grads():
-  rs = np.random.RandomState(0)
-  w, x = jnp.asarray(rs.randn(4, 3), jnp.float32), jnp.asarray(rs.randn(5, 4), jnp.float32)
-  params = {"decoder": {"pred": {"kernel": w, "bias": jnp.zeros(3)}, "embed": jnp.ones(2)}}
-  loss_a = lambda p: jnp.sum((x @ p["decoder"]["pred"]["kernel"]) ** 2)
-  loss_b = lambda p: jnp.sum(x @ p["decoder"]["pred"]["kernel"]) * p["decoder"]["embed"][0]
-  g_a, g_b = jax.jit(lambda p: gan.last_layer_grads((loss_a, loss_b), p))(params)
-  np.testing.assert_allclose(g_a, 2 * x.T @ (x @ w), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(g_b, x.T @ jnp.ones((5, 3)), rtol=1e-5, atol=1e-5)
-  lam = gan.adaptive_weight(g_a, g_b)
-  np.testing.assert_allclose(lam, np.linalg.norm(g_a) / (np.linalg.norm(g_b) + 1e-6), rtol=1e-5)
-
-
-@pytest.mark.parametrize("step,d_on,g_on", [(0, False, False), (59, False, False),
-                                            (60, True, False), (79, True, False),
-                                            (80, True, True), (159, True, True)])
 def test_schedule_switches_at_6_and_8_sixteenths(step, d_on, g_on):
   d, g = gan.gan_schedule_weights(step, 160)
   assert (bool(d), bool(g)) == (d_on, g_on)
@@ -196,3 +180,31 @@ def test_quantize_fake():
   levels = np.array([0, 0, 128, 191, 255, 255, 128, 127])
   np.testing.assert_allclose(gan.quantize_fake(x), levels / 127.5 - 1.0, atol=1e-7)
   np.testing.assert_allclose(gan.quantize_fake(x)[:3], [-1.0, -1.0, 0.5 / 127.5], atol=1e-7)
+
+
+def test_adaptive_gan_grads_match_two_separate_gradients():
+  """The tokenizer's one-full-backward GAN gradient equals g_rec + w g_gan from two full grads."""
+  import ml_collections
+  from uae_jax.tasks import uae as uae_task
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"encoder": {"w": jax.random.normal(k1, (5, 6))},
+            "decoder": {"pred": {"kernel": jax.random.normal(k2, (6, 4))}}}
+  x = jax.random.normal(k3, (3, 5))
+
+  def losses(p):
+    h = jnp.tanh(x @ p["encoder"]["w"])
+    y = h @ p["decoder"]["pred"]["kernel"]
+    return (jnp.mean(jnp.abs(y - 0.3)), -jnp.mean(jnp.sin(y))), {"aux": jnp.sum(y)}
+
+  cfg = ml_collections.ConfigDict({"gan": {"weight": 0.75, "max_weight": 1e4}})
+  loss, grads, parts = jax.jit(lambda p: uae_task.adaptive_gan_grads(cfg, losses, p))(params)
+  g_rec = jax.grad(lambda p: losses(p)[0][0])(params)
+  g_gan = jax.grad(lambda p: losses(p)[0][1])(params)
+  k = lambda t: t["decoder"]["pred"]["kernel"]
+  lam = float(jnp.linalg.norm(k(g_rec)) / (jnp.linalg.norm(k(g_gan)) + 1e-6))
+  w = 0.75 * lam
+  np.testing.assert_allclose(float(parts["adaptive_weight"]), lam, rtol=1e-5)
+  for a, r, g in zip(jax.tree.leaves(grads), jax.tree.leaves(g_rec), jax.tree.leaves(g_gan)):
+    np.testing.assert_allclose(a, r + w * g, rtol=1e-5, atol=1e-7)
+  (l_rec, l_g), _ = losses(params)
+  np.testing.assert_allclose(float(loss), float(l_rec + w * l_g), rtol=1e-6)

@@ -85,8 +85,7 @@ def radial_band_energies(grid: jax.Array, projector: bands_lib.BandProjector) ->
   """Per-image {'band_energy': (B, K), 'band_partition': (B, K)} of the K radial bands."""
   b = projector.split(grid)  # (K, B, H, W, C)
   band_energy = jnp.mean(jnp.sum(jnp.square(b), axis=(2, 3)), axis=-1).T
-  mult = bands_lib.band_multipliers(bands_lib.radial_masks(
-      projector.height, projector.width, projector.num_bands, projector.edges, projector.tau))
+  mult = projector.multipliers  # the projector's own split (lowpass or residual_bandpass)
   spec = jnp.square(jnp.abs(jnp.fft.fft2(jnp.asarray(grid, jnp.float32), axes=(1, 2))))
   hw = projector.height * projector.width
   # Parseval: sum_x z^2 = (1 / HW) sum_f |Z_f|^2, and sum_k G_k(f) = 1 makes it a partition.

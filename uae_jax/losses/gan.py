@@ -8,26 +8,16 @@ docs/method.md#gan):
   lambda  = adaptive_weight(dL_rec/dW, dL_G/dW),  W = decoder/pred/kernel, capped at 1e4
   d_on, g_on = gan_schedule_weights(step, total_steps)                       (6/16 and 8/16)
 
-Intended use in a generator step (all inside one jitted function, no Python branching):
-
-  g_rec, g_gan = last_layer_grads((rec_loss_fn, gan_loss_fn), params)
-  lam = adaptive_weight(g_rec, g_gan)            # already stop_gradient'ed
-  loss = rec_loss + jnp.where(g_on, disc_weight * lam * gan_loss, 0.0)
-
-`rec_loss_fn` and `gan_loss_fn` map the generator params to L_rec_total (every reconstruction and
-semantic term of the stage) and L_G; they must use the same rngs as the main loss so that XLA can
-share the forward pass (a gradient w.r.t. the last kernel only needs dL/dx_hat and the decoder's
-last hidden state, so the extra cost is small). Before g_on the GAN branch still runs (its value is
-masked), which keeps one compiled step for the whole stage.
+The tokenizer task composes them (`uae_jax/tasks/uae.py: generator_grads`): one forward, two
+backward passes of (L_rec, L_G) give both gradients at the decoder's last layer for lambda; before
+g_on a `lax.cond` takes the plain branch (one backward, no discriminator forward), and before d_on
+the discriminator update is skipped the same way, so no phase pays for work it does not use.
 """
 import math
-from collections.abc import Mapping
-from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-DEFAULT_LAST_LAYER = ("decoder", "pred", "kernel")
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -52,32 +42,6 @@ def adaptive_weight(grad_rec, grad_gan, max_weight: float = 1e4):
   """VQGAN adaptive weight clip(||g_rec|| / (||g_gan|| + 1e-6), 0, max_weight), no gradient."""
   w = _l2_norm(grad_rec) / (_l2_norm(grad_gan) + 1e-6)
   return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
-
-
-def _get_path(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _replace_path(tree, path, value):
-  """Copy of nested mapping `tree` with the leaf at `path` replaced (other leaves shared)."""
-  if not path:
-    return value
-  if not isinstance(tree, Mapping):
-    raise TypeError(f"expected a mapping at {path[0]!r}, got {type(tree).__name__}")
-  out = dict(tree)
-  out[path[0]] = _replace_path(tree[path[0]], path[1:], value)
-  return type(tree)(out) if not isinstance(tree, dict) else out
-
-
-def last_layer_grads(loss_fns: Sequence[Callable], params,
-                     path: Sequence[str] = DEFAULT_LAST_LAYER):
-  """Gradients of each `loss_fn(params)` w.r.t. the one leaf at `path` (adaptive-weight inputs)."""
-  path = tuple(path)
-  kernel = _get_path(params, path)
-  return tuple(jax.grad(lambda k, f=f: f(_replace_path(params, path, k)))(kernel)
-               for f in loss_fns)
 
 
 def _start_step(frac: float, total_steps):

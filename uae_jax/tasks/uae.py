@@ -254,17 +254,20 @@ def _last_layer(tree):
 
 
 def adaptive_gan_grads(config, loss_fn, params):
-  """Gradients of L_rec + w * L_G with VQGAN's adaptive w, from one forward and two backwards.
+  """Gradients of L_rec + w * L_G with VQGAN's adaptive w: one forward, one full backward.
 
   `loss_fn(params) -> ((l_rec, l_g), parts)`; w = gan.weight * ||g_rec|| / ||g_gan|| at the
-  decoder's last layer (capped), held constant as in VQGAN.
+  decoder's last layer (capped), held constant as in VQGAN. The two gradients w needs are read
+  at the last-layer kernel only, so XLA prunes the rest of those two backward passes; the one
+  full backward takes the combined cotangent (1, w).
   """
   (l_rec, l_g), vjp_fn, parts = jax.vjp(loss_fn, params, has_aux=True)
-  g_rec, = vjp_fn((jnp.ones_like(l_rec), jnp.zeros_like(l_g)))
-  g_gan, = vjp_fn((jnp.zeros_like(l_rec), jnp.ones_like(l_g)))
-  lam = gan.adaptive_weight(_last_layer(g_rec), _last_layer(g_gan), config.gan.max_weight)
+  one, zero = jnp.ones_like(l_rec), jnp.zeros_like(l_g)
+  last_rec = _last_layer(vjp_fn((one, zero))[0])
+  last_gan = _last_layer(vjp_fn((zero, one))[0])
+  lam = gan.adaptive_weight(last_rec, last_gan, config.gan.max_weight)
   w = config.gan.weight * lam
-  grads = jax.tree.map(lambda a, b: a + w * b, g_rec, g_gan)
+  grads, = vjp_fn((one, w.astype(l_g.dtype)))
   return l_rec + w * l_g, grads, dict(parts, gan_g=l_g, adaptive_weight=lam, gan_weight=w)
 
 
