@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def hinge_d_loss(logits_real, logits_fake):
   """Discriminator hinge loss 0.5 * (mean relu(1 - D(real)) + mean relu(1 + D(fake)))."""
   real = jnp.mean(jax.nn.relu(1.0 - logits_real.astype(jnp.float32)))
