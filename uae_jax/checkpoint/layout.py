@@ -13,7 +13,7 @@ from uae_jax.models import scan_utils
 
 
 def saved_state_tree(directory: str) -> Optional[Any]:
-  """Orbax metadata tree of the newest saved 'state' under a workdir or checkpoints dir."""
+  """Orbax metadata tree of the newest readable saved 'state' under a workdir or checkpoints dir."""
   import orbax.checkpoint as ocp
   ckpt_dir = ckpt_lib.checkpoint_dir(directory)
   if not epath.Path(ckpt_dir).is_dir():
@@ -21,11 +21,15 @@ def saved_state_tree(directory: str) -> Optional[Any]:
   mgr = ocp.CheckpointManager(ckpt_dir, item_names=ckpt_lib.ITEMS,
                               item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
-    step = mgr.latest_step()
-    if step is None:
-      return None
-    meta = mgr.item_metadata(step)["state"]
-    return getattr(meta, "tree", meta)
+    # Damaged steps are skipped here; the restore itself reports and moves them aside.
+    for step in sorted(mgr.all_steps(), reverse=True):
+      try:
+        ckpt_lib.check_step_files(epath.Path(ckpt_dir) / str(step))
+        meta = mgr.item_metadata(step)["state"]
+      except Exception:  # pylint: disable=broad-except  # any damage: try an older step
+        continue
+      return getattr(meta, "tree", meta)
+    return None
   finally:
     mgr.close()
 

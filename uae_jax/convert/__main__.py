@@ -13,13 +13,14 @@ Output directories hold `params.msgpack` + `arch.json` (see uae_jax/convert/flax
 architecture is inferred from the tensor shapes: a named size when one matches, otherwise
 size='custom' with explicit dims. Attention heads are not in the weights: --num-heads, else an HF
 config.json beside the weights, else the matching named size, else width // 64.
-Exit status 2 and one message listing every problem on a ConversionError (a LoadError).
+Exit status 2 and one line listing every problem on bad input (a ConversionError or other
+UserError); output directories are written so that an interrupted run never looks complete.
 """
 import argparse
 import json
 import sys
 
-from uae_jax.errors import LoadError
+from uae_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,8 +116,9 @@ def main(argv=None) -> int:
       _, arch = discriminator.convert_dino_disc_file(args.src, args.out,
                                                      zero_key_bias=args.zero_key_bias)
       print(f"wrote {args.out}/params.msgpack and arch.json: {json.dumps(arch)}")
-  except LoadError as e:  # ConversionError is one
-    print(f"error: {e}", file=sys.stderr)
+  except UserError as e:  # ConversionError is a LoadError, a UserError
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    print(f"error: {text or type(e).__name__}", file=sys.stderr)
     return 2
   return 0
 

@@ -25,6 +25,7 @@ Key table (ours <- HF, `i` = block):
 Heads are not in the weights: they come from the matching `Clip` size and are checked against a
 `config.json` beside the weights when there is one.
 """
+import importlib
 import math
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -32,6 +33,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from uae_jax.convert import flax_io
+from uae_jax.convert import guard
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError, FlaxPath, Row, Table
@@ -135,12 +137,17 @@ def model_shapes(model_cls, kwargs: Mapping[str, Any]) -> Dict[tuple, tuple]:
   return model_param_shapes(model_cls, kwargs, (1, s, s, 3))
 
 
+@guard.loader("weights")
 def read_any(path: str, model_class: str) -> Tuple[Optional[dict], Optional[dict], Any, Any]:
   """(params, kwargs, None, None) for a converted dir, else (None, None, state dict, config)."""
   if flax_io.is_converted_dir(path):
     params, arch = flax_io.load_params(path)
     if arch.get("model_class") != model_class:
       raise ConversionError(f"{path}: holds {arch.get('model_class')!r}, not {model_class}")
+    module, _, name = model_class.rpartition(".")
+    flax_io.check_shapes(path, params,
+                         model_shapes(getattr(importlib.import_module(module), name),
+                                      arch["kwargs"]))
     return params, dict(arch["kwargs"]), None, None
   sd, config = torch_io.read_state_dict(path)
   return None, None, sd, config
@@ -259,6 +266,7 @@ def export_clip(params: Mapping, *, prefix: str = HUB_PREFIX) -> Dict[str, np.nd
   return tables.to_torch(table, params, context="exporting Clip params to the HF layout")
 
 
+@guard.loader("CLIP weights")
 def load_clip(path: str, *, input_size: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
   """(params, Clip kwargs) from a converted directory or an HF file / model directory."""
   params, kwargs, sd, config = read_any(path, MODEL_CLASS)
@@ -270,6 +278,7 @@ def load_clip(path: str, *, input_size: Optional[int] = None) -> Tuple[dict, Dic
   return params, kwargs
 
 
+@guard.loader("CLIP weights")
 def load_for_config(path: str, cfg: Mapping) -> dict:
   """Params for the encoder config `cfg` (kind 'clip'); see `fit_to_config`."""
   from uae_jax.models.clip import Clip
@@ -277,6 +286,7 @@ def load_for_config(path: str, cfg: Mapping) -> dict:
   return fit_to_config(params, kwargs, cfg, Clip, path, {"post_norm": ("post_norm",)})
 
 
+@guard.loader("CLIP weights")
 def convert_clip_file(src: str, out_dir: str, *, input_size: Optional[int] = None,
                       drop_post_norm: bool = False) -> Tuple[dict, Dict[str, Any]]:
   """Convert `src` and write `out_dir/{params.msgpack, arch.json}`."""
@@ -395,6 +405,7 @@ def uae_clip_to_state_dict(params: Mapping, *, decoder_grid: int = 16) -> Dict[s
   return official_uae_to_state_dict(p, enc_table, decoder_grid=decoder_grid)
 
 
+@guard.loader("UAE-CLIP checkpoint")
 def import_official_uae_clip(path: str, which: str = "ema", *, encoder_input_size: int = 224
                              ) -> Tuple[dict, Dict[str, Any]]:
   """(UAE params, arch) from an official UAE-CLIP checkpoint (.pt training dict or flat file)."""

@@ -37,6 +37,7 @@ import numpy as np
 
 from uae_jax.convert import arch as arch_lib
 from uae_jax.convert import flax_io
+from uae_jax.convert import guard
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError
@@ -306,6 +307,7 @@ def export_dinov2(params: Mapping, *, layout: str = "hf4", prefix: str = "",
   return tables.to_torch(table, params, context=f"exporting DINOv2 to the {layout} layout")
 
 
+@guard.loader("DINOv2 weights")
 def load_dinov2(path_or_dir: str, *, variant: str = "auto", input_size: Optional[int] = None,
                 size: Optional[str] = None, drop_final_norm: bool = False,
                 num_heads: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
@@ -320,6 +322,7 @@ def load_dinov2(path_or_dir: str, *, variant: str = "auto", input_size: Optional
     if arch.get("model_class") != MODEL_CLASS:
       raise ConversionError(f"{path_or_dir}: holds {arch.get('model_class')!r}, not {MODEL_CLASS}")
     kwargs = dict(arch["kwargs"])
+    flax_io.check_shapes(path_or_dir, params, dinov2_param_shapes(kwargs))
     if size not in (None, arch_lib.CUSTOM) and kwargs["size"] != size:
       raise ConversionError(f"architecture mismatch: {path_or_dir} holds DINOv2 size "
                             f"{kwargs['size']!r}, but size {size!r} was requested")
@@ -337,6 +340,7 @@ def load_dinov2(path_or_dir: str, *, variant: str = "auto", input_size: Optional
   return params, arch
 
 
+@guard.loader("DINOv2 weights")
 def convert_dinov2_file(src: str, out_dir: str, *, variant: str = "auto", input_size: int = 224,
                         size: Optional[str] = None, drop_final_norm: bool = False,
                         num_heads: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from uae_jax.convert import flax_io
+from uae_jax.convert import guard
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError
@@ -107,6 +108,7 @@ def export_dino_disc(params: Mapping) -> Dict[str, np.ndarray]:
                          context="exporting the DINO ViT discriminator backbone")
 
 
+@guard.loader("DINO discriminator weights")
 def load_dino_disc(path_or_dir: str, *, expect: Optional[Mapping[str, int]] = DINO_S8,
                    zero_key_bias: bool = False) -> Tuple[dict, Dict[str, Any]]:
   """(params, arch) from a converted directory or a PyTorch / safetensors file."""
@@ -114,6 +116,7 @@ def load_dino_disc(path_or_dir: str, *, expect: Optional[Mapping[str, int]] = DI
     params, arch = flax_io.load_params(path_or_dir)
     if arch.get("model_class") != MODEL_CLASS:
       raise ConversionError(f"{path_or_dir}: holds {arch.get('model_class')!r}, not {MODEL_CLASS}")
+    flax_io.check_shapes(path_or_dir, params, disc_param_shapes(arch["kwargs"]))
     if expect is not None:
       _check_expected(arch["kwargs"], expect, f"loading {path_or_dir}")
       if arch["kwargs"].get("num_heads") != expect["num_heads"]:
@@ -126,6 +129,7 @@ def load_dino_disc(path_or_dir: str, *, expect: Optional[Mapping[str, int]] = DI
                            context=f"converting {path_or_dir}")
 
 
+@guard.loader("DINO discriminator weights")
 def convert_dino_disc_file(src: str, out_dir: str, *, expect=DINO_S8, zero_key_bias: bool = False):
   """Convert `src` and write `out_dir/{params.msgpack, arch.json}`; returns (params, arch)."""
   sd, _ = torch_io.read_state_dict(src)

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from uae_jax.convert import clip as clip_convert
+from uae_jax.convert import guard
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError, FlaxPath, Row, Table
@@ -171,6 +172,7 @@ def export_siglip(params: Mapping, *, prefix: str = HUB_PREFIX, layout: str = "s
   return sd
 
 
+@guard.loader("SigLIP weights")
 def load_siglip(path: str, *, input_size: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
   """(params, Siglip kwargs) from a converted directory or an HF file / model directory."""
   params, kwargs, sd, config = clip_convert.read_any(path, MODEL_CLASS)
@@ -182,6 +184,7 @@ def load_siglip(path: str, *, input_size: Optional[int] = None) -> Tuple[dict, D
   return params, kwargs
 
 
+@guard.loader("SigLIP weights")
 def load_for_config(path: str, cfg: Mapping) -> dict:
   """Params for the encoder config `cfg` (kind 'siglip2'); see `convert.clip.fit_to_config`."""
   from uae_jax.models.siglip import Siglip
@@ -195,6 +198,7 @@ def load_for_config(path: str, cfg: Mapping) -> dict:
                                     {"final_norm_affine": ("norm",), "head": ("head",)})
 
 
+@guard.loader("SigLIP weights")
 def convert_siglip_file(src: str, out_dir: str, *, input_size: Optional[int] = None,
                         drop_final_norm: bool = False, drop_head: bool = False
                         ) -> Tuple[dict, Dict[str, Any]]:
@@ -244,6 +248,7 @@ def uae_siglip_to_state_dict(params: Mapping, *, decoder_grid: int = 16) -> Dict
   return clip_convert.official_uae_to_state_dict(p, enc_table, decoder_grid=decoder_grid)
 
 
+@guard.loader("UAE-SigLIP2 checkpoint")
 def import_official_uae_siglip(path: str, which: str = "ema", *, encoder_input_size: int = 256
                                ) -> Tuple[dict, Dict[str, Any]]:
   """(UAE params, arch) from an official UAE-SigLIP2 checkpoint."""

@@ -36,13 +36,14 @@ import numpy as np
 from uae_jax.errors import LoadError
 
 FlaxPath = Tuple[str, ...]
+_SHOWN = 12  # problems listed per kind in an error message (all are in `.problems`)
 
 
 class ConversionError(LoadError):
   """A conversion problem; `problems` lists every offending key (category, detail)."""
 
   def __init__(self, context: str, problems: Iterable[Tuple[str, str]] = ()):
-    """Groups the problems by kind into one multi-line message."""
+    """Groups the problems by kind into one line: 'context: N problem(s): kind (n): a, b; ...'."""
     self.context = context
     self.problems = list(problems)
     if not self.problems:
@@ -51,11 +52,11 @@ class ConversionError(LoadError):
     by_cat = collections.OrderedDict()
     for cat, detail in self.problems:
       by_cat.setdefault(cat, []).append(detail)
-    lines = [f"{context}: {len(self.problems)} problem(s)"]
-    for cat, details in by_cat.items():
-      lines.append(f"  {cat} ({len(details)}):")
-      lines.extend(f"    {d}" for d in details)
-    super().__init__("\n".join(lines))
+    # One line: CLIs print errors as a single line (a long one when many keys are off).
+    groups = [f"{cat} ({len(details)}): " + ", ".join(details[:_SHOWN])
+              + (f", ... (+{len(details) - _SHOWN} more)" if len(details) > _SHOWN else "")
+              for cat, details in by_cat.items()]
+    super().__init__(f"{context}: {len(self.problems)} problem(s): " + "; ".join(groups))
 
 
 class Row(NamedTuple):

