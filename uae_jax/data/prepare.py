@@ -44,6 +44,7 @@ import msgpack
 import tqdm
 
 from uae_jax.data import transforms
+from uae_jax.errors import UserError
 
 FORMAT_VERSION = 'uae_jax.array_record.v1'
 RECORD_FORMAT = ("msgpack map {'image_bytes': bytes (original file, not re-encoded), "
@@ -172,9 +173,13 @@ def _load_progress(path: str, fingerprint: str, overwrite: bool) -> dict[int, di
   """Returns the shards an earlier run of the same job finished (index -> shard entry)."""
   if overwrite or not os.path.exists(path):
     return {}
-  with open(path) as f:
-    old = json.load(f)
-  if old.get('fingerprint') != fingerprint:
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path}: not a readable manifest ({e}); pass --overwrite to rebuild the '
+                     'split') from None
+  if not isinstance(old, dict) or old.get('fingerprint') != fingerprint:
     raise ValueError(
         f'{path} was written for a different source listing or shard size; pass --overwrite to '
         'rebuild the split from scratch')
@@ -319,12 +324,17 @@ def _parse_args(argv: Iterable[str]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Command-line entry point; returns the exit code."""
+  """Command-line entry point; returns the exit code (2 and one `error:` line on bad input)."""
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   logging.set_verbosity(logging.ERROR)  # Skips are printed below; keep the console readable.
-  m = prepare_split(args.src, args.out, split=args.split, shard_size=args.shard_size,
-                    num_workers=args.num_workers, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+  try:
+    m = prepare_split(args.src, args.out, split=args.split, shard_size=args.shard_size,
+                      num_workers=args.num_workers, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+  except (UserError, ValueError, OSError) as e:  # a missing/empty --src, a foreign manifest, ...
+    text = ' '.join(str(e).split()) or type(e).__name__
+    print(f'error: {text}', file=sys.stderr)
+    return 2
   print(f'{m["split"]}: {m["num_records"]} records in {m["num_shards"]} shards, '
         f'{m["num_classes"]} classes, {m["num_unlabelled"]} unlabelled -> {args.out}')
   print(f'skipped {m["num_skipped"]} files' + (':' if m['skipped'] else ''))

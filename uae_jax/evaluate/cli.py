@@ -21,6 +21,7 @@ each process reads its shard, results are combined, and only process 0 writes fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,8 +31,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from uae_jax.convert.tables import ConversionError
-from uae_jax.errors import LoadError, UserError
+from uae_jax.errors import CheckpointError, ConfigError, LoadError, UserError
 
 INCEPTION_HELP = ("FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                   "(or torch-fidelity's weights-inception-2015-12-05-6726825d.pth, the same file; "
@@ -50,8 +50,8 @@ def load_config_spec(spec: str):
   """Loads 'path/to/config.py[:arg]' like ml_collections' config flags (get_config(arg))."""
   path, _, arg = spec.partition(":")
   path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--config {spec!r}: {path} does not exist")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config {spec!r}: no such config file {path}")
   # configs/*.py import `configs.common`: make the directory above `configs/` importable.
   root = os.path.dirname(os.path.dirname(path))
   if root not in sys.path:
@@ -60,7 +60,10 @@ def load_config_spec(spec: str):
       f"_uae_eval_config_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"--config {spec!r}: {e.args[0] if e.args else e}") from None
 
 
 def config_from_json(text: str):
@@ -82,10 +85,10 @@ def apply_data_arg(input_config, data: str = "", data_dir: str = "", split: str 
       cfg.update(source="array_record", data_dir=arg or data_dir, paths="")
     elif kind == "tfds":
       if not arg:
-        raise ValueError("--data tfds:NAME needs a dataset name, e.g. tfds:imagenet2012")
+        raise ConfigError("--data tfds:NAME needs a dataset name, e.g. tfds:imagenet2012")
       cfg.update(source="tfds", name=arg, data_dir=data_dir, paths="")
     else:
-      raise ValueError(f"--data {data!r}: expected photos[:DIR], array_record:DIR or tfds:NAME")
+      raise ConfigError(f"--data {data!r}: expected photos[:DIR], array_record:DIR or tfds:NAME")
   if split:
     cfg.eval_split = split
   if image_size:
@@ -127,60 +130,66 @@ def abstract_params(config, mesh):
                       nn.unbox(boxed), shardings)
 
 
-def _checkpoint_dir(workdir: str) -> str:
-  """`<workdir>/checkpoints`, or `workdir` itself if it is that directory."""
-  workdir = os.path.abspath(workdir)
-  return workdir if os.path.basename(workdir) == "checkpoints" else os.path.join(workdir,
-                                                                                 "checkpoints")
-
-
 def run_config_and_step(workdir: str, step: Optional[int] = None) -> tuple:
-  """(ConfigDict from the checkpoint meta, step) of a training run directory."""
+  """(ConfigDict from the checkpoint meta, step) of a training run directory.
+
+  Without `step`: the newest step whose files look complete and whose 'meta' item reads (a
+  damaged newer one is logged and skipped; evaluating never moves a run's files).
+  """
+  from absl import logging
+  from etils import epath
   from uae_jax.checkpoint import manager as ckpt_lib
-  ckpt_dir = _checkpoint_dir(workdir)
+  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   if not os.path.isdir(ckpt_dir):
-    raise FileNotFoundError(f"--workdir {workdir!r}: no checkpoints directory at {ckpt_dir}")
+    raise CheckpointError(f"--workdir {workdir!r}: no checkpoints directory at {ckpt_dir}")
   mgr = ckpt_lib.CheckpointManager(ckpt_dir, async_save=False)
   try:
-    step = mgr.latest_step() if step is None else int(step)
-    if step is None:
-      raise FileNotFoundError(f"{ckpt_dir} holds no complete checkpoint")
-    meta = mgr.meta(step)
+    steps = mgr.all_steps()
+    if step is not None and int(step) not in steps:
+      raise CheckpointError(f"{ckpt_dir} has no step {step} (steps: {steps})")
+    meta, tried = None, []
+    for s in ([int(step)] if step is not None else sorted(steps, reverse=True)):
+      try:
+        ckpt_lib.check_step_files(epath.Path(ckpt_dir) / str(s))
+        meta, step = mgr.meta(s), s
+        break
+      except CheckpointError as e:
+        logging.error("checkpoint step %d in %s is unreadable: %s", s, ckpt_dir, e)
+        tried.append(f"step {s}: {e}")
   finally:
     mgr.close()
+  if meta is None:
+    raise CheckpointError(f"no readable checkpoint in {ckpt_dir}" +
+                          ("; tried " + "; ".join(tried) if tried else ""))
   if "config" not in meta:
-    raise ValueError(f"{ckpt_dir} step {step}: the 'meta' item has no 'config'; pass --config")
-  return config_from_json(meta["config"]), step
+    raise CheckpointError(f"{ckpt_dir} step {step}: the 'meta' item has no 'config'; pass --config")
+  try:
+    return config_from_json(meta["config"]), step
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{ckpt_dir} step {step}: the saved config is unreadable ({e}); pass "
+                          "--config") from None
+
+
+def restore_params_and_step(workdir: str, config, mesh, which: str = "ema",
+                            step: Optional[int] = None) -> tuple:
+  """(EMA or raw params restored onto the mesh, step used); newest readable step by default."""
+  from uae_jax.checkpoint import manager as ckpt_lib
+  target = {which: abstract_params(config, mesh)}
+  out, used, _ = ckpt_lib.restore_subtrees(workdir, target, step, with_progress=True, move=False)
+  return out[which], used
 
 
 def restore_run_params(workdir: str, config, mesh, which: str = "ema", step: Optional[int] = None):
   """EMA (or raw) params of a training run, restored onto the mesh (partial Orbax restore)."""
-  from uae_jax.checkpoint import manager as ckpt_lib
-  target = {which: abstract_params(config, mesh)}
-  return ckpt_lib.restore_subtrees(workdir, target, step)[which]
+  return restore_params_and_step(workdir, config, mesh, which, step)[0]
 
 
 def load_official_params(path: str, config, mesh, which: str = "ema"):
   """Params of an official PyTorch UAE checkpoint, checked against `config` and placed."""
   import jax
-  from uae_jax.convert import tables
   from uae_jax.convert import uae as convert_uae
-  from uae_jax.models import scan_utils
-  params, _ = convert_uae.import_official_uae(path, which=which,
-                                              encoder_input_size=config.model.encoder.input_size)
-  # Converted weights are unrolled (blocks_i); configs with scan_blocks want them stacked.
-  params = scan_utils.match_layout(params, config.model)
+  params = convert_uae.load_official(path, config.model, which=which)
   target = abstract_params(config, mesh)
-  flat_p = tables.flatten(params)
-  flat_t = {tuple(str(getattr(k, "key", k)) for k in path_): v
-            for path_, v in jax.tree_util.tree_leaves_with_path(target)}
-  problems = [f"missing {'/'.join(k)}" for k in sorted(set(flat_t) - set(flat_p))]
-  problems += [f"unexpected {'/'.join(k)}" for k in sorted(set(flat_p) - set(flat_t))]
-  problems += [f"{'/'.join(k)}: {np.shape(flat_p[k])} != {flat_t[k].shape}"
-               for k in sorted(set(flat_p) & set(flat_t))
-               if tuple(np.shape(flat_p[k])) != tuple(flat_t[k].shape)]
-  if problems:
-    raise ValueError(f"{path} does not match --config: " + "; ".join(problems))
   return jax.tree.map(lambda a, t: jax.device_put(np.asarray(a, t.dtype), t.sharding),
                       params, target)
 
@@ -188,24 +197,50 @@ def load_official_params(path: str, config, mesh, which: str = "ema"):
 def _resolve_model(args):
   """(config, params, mesh, source description) for --workdir or --checkpoint."""
   if bool(args.workdir) == bool(args.checkpoint):
-    raise SystemExit("pass exactly one of --workdir RUN or --checkpoint FILE.pt")
+    raise ConfigError("pass exactly one of --workdir RUN or --checkpoint FILE.pt")
   if args.workdir:
-    config, step = run_config_and_step(args.workdir, args.step)
     if args.config:
       config = load_config_spec(args.config)  # explicit config wins (e.g. an old checkpoint)
+    else:
+      config, _ = run_config_and_step(args.workdir, args.step)
     mesh = make_mesh(config)
     which = "params" if args.raw else "ema"
-    params = restore_run_params(args.workdir, config, mesh, which, step)
+    params, step = restore_params_and_step(args.workdir, config, mesh, which, args.step)
     source = {"workdir": os.path.abspath(args.workdir), "step": step, "params": which}
   else:
     if not args.config:
-      raise SystemExit("--checkpoint needs --config (e.g. configs/official_stage2.py)")
+      raise ConfigError("--checkpoint needs --config (e.g. configs/official_stage2.py)")
     config = load_config_spec(args.config)
     mesh = make_mesh(config)
     which = "model" if args.raw else "ema"
     params = load_official_params(args.checkpoint, config, mesh, which)
     source = {"checkpoint": os.path.abspath(args.checkpoint), "params": which}
   return config, params, mesh, source
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str):
+  """Yields a temporary name beside `path`; renames it to `path` when the block succeeds.
+
+  An interrupted evaluation never leaves a truncated file under the final name.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _write_atomic(path: str, content) -> None:
+  """Writes `content` (text, or a function of a binary file object) to `path` atomically."""
+  with _atomic_path(path) as tmp, open(tmp, "wb") as f:
+    if callable(content):
+      content(f)
+    else:
+      f.write(content.encode())
 
 
 def _is_main() -> bool:
@@ -226,7 +261,7 @@ def _inception_path(arg: str) -> Optional[str]:
   from uae_jax.evaluate import inception as inception_lib
   if arg:
     if not os.path.exists(arg):
-      raise FileNotFoundError(f"--inception {arg!r} does not exist")
+      raise LoadError(f"--inception {arg!r}: no such file")
     return arg
   return inception_lib.default_weights_path()
 
@@ -319,14 +354,15 @@ def cmd_recon(args) -> dict:
     out = args.out or os.path.join(args.workdir or os.path.dirname(args.checkpoint),
                                    "eval_" + input_cfg.eval_split)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(out, "metrics.md"), "w") as f:
-      f.write(_metrics_markdown(result))
-    np.savez(os.path.join(out, "per_image.npz"), **res.per_image)
-    Image.fromarray(grid).save(os.path.join(out, "recon_grid.png"))
+    # Each file appears complete or not at all; metrics.json, the one readers look for, last.
+    _write_atomic(os.path.join(out, "recon_grid.png"),
+                  lambda f: Image.fromarray(grid).save(f, format="PNG"))
+    _write_atomic(os.path.join(out, "per_image.npz"), lambda f: np.savez(f, **res.per_image))
     if args.save_recon:
-      np.savez(os.path.join(out, "recon.npz"), index=res.per_image["index"], recon=res.recon_uint8)
+      _write_atomic(os.path.join(out, "recon.npz"), lambda f: np.savez(
+          f, index=res.per_image["index"], recon=res.recon_uint8))
+    _write_atomic(os.path.join(out, "metrics.md"), _metrics_markdown(result))
+    _write_atomic(os.path.join(out, "metrics.json"), json.dumps(result, indent=1))
     result["out"] = out
     print(_metrics_markdown(result))
   return result
@@ -346,7 +382,7 @@ def cmd_fid_stats(args) -> dict:
   import ml_collections
   path = _inception_path(args.inception)
   if not path:
-    raise SystemExit("fid-stats needs --inception (" + INCEPTION_HELP + ")")
+    raise LoadError("fid-stats needs --inception (" + INCEPTION_HELP + ")")
   base = data_config.default_input_config()
   cfg = apply_data_arg(base, args.data or "photos", args.data_dir, args.split, args.image_size,
                        args.batch_size, args.max_examples)
@@ -371,7 +407,8 @@ def cmd_fid_stats(args) -> dict:
           "inception": os.path.abspath(path), "preprocessing": args.fid_preprocessing,
           "seconds": time.time() - t0}
   if _is_main():
-    fid_lib.save_stats(args.out, mu, sigma, int(stats.n))
+    with _atomic_path(args.out) as tmp:
+      fid_lib.save_stats(tmp, mu, sigma, int(stats.n))
     print(json.dumps(info, indent=1))
   return info
 
@@ -398,8 +435,7 @@ def cmd_probe(args) -> dict:
   if _is_main():
     out = args.out or os.path.join(args.workdir or os.path.dirname(args.checkpoint), "probe")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "probe.json"), "w") as f:
-      json.dump(res, f, indent=1)
+    _write_atomic(os.path.join(out, "probe.json"), json.dumps(res, indent=1))
     lines = ["| features | top-1 (test) | top-1 (train) | dim |", "|---|---|---|---|"]
     for k in linear_probe.FEATURE_SETS:
       r = res[k]
@@ -407,8 +443,7 @@ def cmd_probe(args) -> dict:
     text = "\n".join(lines) + (f"\n\n{res['num_train']} train / {res['num_test']} test images, "
                                f"{res['num_classes']} classes, majority-class rate "
                                f"{res['chance']:.3f}, pooling '{res['pooling']}'.\n")
-    with open(os.path.join(out, "probe.md"), "w") as f:
-      f.write(text)
+    _write_atomic(os.path.join(out, "probe.md"), text)
     res["out"] = out
     print(text)
   return res
@@ -455,8 +490,7 @@ def cmd_gen(args) -> dict:
   out = args.out or os.path.splitext(args.samples)[0] + ".gen_eval.json"
   if _is_main():
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(res, f, indent=1)
+    _write_atomic(out, json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     print(_gen_markdown(res))
   res["out"] = out
@@ -481,13 +515,13 @@ def cmd_spectrum(args) -> dict:
       encoders.append(spectrum.vgg16_encoder(taps=tuple(args.vgg_taps.split(","))))
     elif name in ("dinov2", "clip", "siglip2"):
       if not getattr(args, name):
-        raise SystemExit(f"--encoder {name} needs --{name} PATH (converted dir, .safetensors/"
+        raise ConfigError(f"--encoder {name} needs --{name} PATH (converted dir, .safetensors/"
                          ".pth or HF dir); no such weights ship with any package")
       size = args.dinov2_input_size if name == "dinov2" else None  # others: native size
       encoders.append(spectrum.semantic_encoder(name, getattr(args, name), size))
     else:
-      raise SystemExit(f"unknown encoder {name!r}: choose from pixels, vgg16, dinov2, clip, "
-                       "siglip2")
+      raise ConfigError(f"unknown encoder {name!r}: choose from pixels, vgg16, dinov2, clip, "
+                        "siglip2")
   cfg = apply_data_arg(data_config.default_input_config(), args.data or "photos", args.data_dir,
                        "", args.image_size, args.batch_size, args.max_images)
   splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -577,12 +611,8 @@ def _add_gen_args(g):
                  default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
 
 
-def parser() -> argparse.ArgumentParser:
-  """The argparse parser of all subcommands."""
-  p = argparse.ArgumentParser(prog="python -m uae_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="cmd", required=True)
-
+def _add_recon_parser(sub):
+  """The `recon` subcommand."""
   r = sub.add_parser("recon", help="reconstruction metrics of a run or an official checkpoint")
   _add_model_args(r)
   _add_data_args(r)
@@ -600,6 +630,9 @@ def parser() -> argparse.ArgumentParser:
   r.add_argument("--save-recon", action="store_true", help="also write recon.npz (uint8)")
   r.add_argument("--grid-images", type=int, default=4, help="rows of recon_grid.png")
 
+
+def _add_fid_stats_parser(sub):
+  """The `fid-stats` subcommand."""
   f = sub.add_parser("fid-stats", help="FID Inception reference statistics of a split")
   f.add_argument("--data", default="photos", help="photos[:DIR] | array_record:DIR | tfds:NAME")
   f.add_argument("--data-dir", default="")
@@ -614,15 +647,18 @@ def parser() -> argparse.ArgumentParser:
   f.add_argument("--multihost", action="store_true",
                  default=bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
 
-  _add_gen_args(sub.add_parser("gen", help="FID, sFID, IS, precision, recall of samples "
-                                            "(ADM evaluator)"))
 
+def _add_probe_parser(sub):
+  """The `probe` subcommand."""
+  from uae_jax.evaluate import linear_probe
   q = sub.add_parser("probe", help="linear probe on band-0 and all-band encoder features")
   _add_model_args(q)
   _add_data_args(q)
   q.add_argument("--train-split", default="", help="default: config.input.split")
   q.add_argument("--test-split", default="", help="default: --split or config.input.eval_split")
-  q.add_argument("--pool", default="mean", help="'mean' (global average) or 'gridN' (N x N)")
+  q.add_argument("--pool", default=linear_probe.DEFAULT_POOLING,
+                 help="'gridN' (N x N average pool, flattened; default "
+                      f"{linear_probe.DEFAULT_POOLING!r}) or 'mean' (global average)")
   q.add_argument("--optimizer", default="lbfgs", choices=("lbfgs", "adam"))
   q.add_argument("--steps", type=int, default=200)
   q.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
@@ -631,6 +667,9 @@ def parser() -> argparse.ArgumentParser:
   q.add_argument("--max-test", type=int, default=0)
   q.add_argument("--out", default="", help="output dir (default: <workdir>/probe)")
 
+
+def _add_spectrum_parser(sub):
+  """The `spectrum` subcommand."""
   s = sub.add_parser("spectrum", help="the Prism analysis of encoder feature spectra")
   s.add_argument("--encoder", default="pixels,vgg16",
                  help="comma list of pixels, vgg16, dinov2, clip, siglip2")
@@ -649,11 +688,33 @@ def parser() -> argparse.ArgumentParser:
   s.add_argument("--cutoffs", default="0.05,0.1,0.15,0.2,0.3,0.4,0.6,0.8,1.0")
   s.add_argument("--out", required=True, help="output directory")
   s.add_argument("--tag", default="", help="files are spectrum_<tag>.{json,png}")
+
+
+def parser() -> argparse.ArgumentParser:
+  """The argparse parser of all subcommands."""
+  p = argparse.ArgumentParser(prog="python -m uae_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  _add_recon_parser(sub)
+  _add_fid_stats_parser(sub)
+  _add_gen_args(sub.add_parser("gen", help="FID, sFID, IS, precision, recall of samples "
+                                            "(ADM evaluator)"))
+  _add_probe_parser(sub)
+  _add_spectrum_parser(sub)
   return p
 
 
+def one_line(e: BaseException) -> str:
+  """An error message folded onto one line."""
+  text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+  return text or type(e).__name__
+
+
 def main(argv=None) -> Any:
-  """Parses `argv` and runs the subcommand; returns its result dict."""
+  """Parses `argv` and runs the subcommand; returns its result dict.
+
+  Bad input (a file, a key, a checkpoint) ends with one line `error: ...` and exit status 2.
+  """
   args = parser().parse_args(argv)
   _maybe_init_multihost(args)
   from uae_jax.metric_writers import quiet_library_logs
@@ -662,8 +723,6 @@ def main(argv=None) -> Any:
               "probe": cmd_probe, "spectrum": cmd_spectrum}
   try:
     return commands[args.cmd](args)
-  except (UserError, ConversionError) as e:
-    # Bad input: one line naming the file and the problem, exit status 2.
-    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    print(f"error: {text or type(e).__name__}", file=sys.stderr)
+  except UserError as e:  # ConversionError, LoadError, ConfigError, CheckpointError
+    print(f"error: {one_line(e)}", file=sys.stderr)
     raise SystemExit(2) from None
