@@ -318,6 +318,7 @@ def test_kl_closed_form_and_logvar_clamp():
   assert float(lv.max()) == 20.0
 
 
+@pytest.mark.slow
 def test_vq_keeps_height_and_width_order():
   m = kl_lib.build("tiny_vq", codebook_size=16, channels=(32, 64, 64))
   x = jax.random.uniform(jax.random.key(2), (1, 32, 64, 3), minval=-1, maxval=1)
@@ -390,3 +391,15 @@ def test_tiny_run_psnr_improves(tmp_path):
   c.eval_every_steps, c.image_every_steps, c.log_every_steps = 40, 0, 10
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary["eval_end"]["eval/psnr"] > summary["eval_start"]["eval/psnr"] + 2.0
+
+
+def test_tokenizer_interface_shares_params():
+  from configs import kl_vae as cfg
+  from uae_jax.tasks import kl_vae as task
+  c = cfg.get_config("tiny")
+  x = jnp.full((1, 32, 32, 3), 0.5)
+  tree = lambda m, **kw: jax.tree.structure(jax.eval_shape(
+      lambda: nn.unbox(m.init({"params": jax.random.key(0), "sample": jax.random.key(0),
+                               "noise": jax.random.key(0)}, x, **kw))["params"]))
+  assert tree(task.build_tokenizer(c), train=False) == tree(task.build_model(c))
+  assert task.latent_grid(c) == (16, 16, 4)
