@@ -1,28 +1,37 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two stamps: `make demo` installs the runtime stack only (no PyTorch); `make test` adds the test
+# stack (PyTorch CPU, transformers, pytest) on top, also after an earlier `make demo`.
+RUNTIME := $(VENV)/.installed-runtime
+TESTSTACK := $(VENV)/.installed-test
 
 .PHONY: demo test test-slow bench clean
 
-$(VENV)/bin/python:
+$(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): $(VENV)/bin/python requirements.txt requirements-test.txt pyproject.toml
-	$(BIN)/pip install -q -r requirements-test.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+$(RUNTIME): $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/pip install -q -r requirements.txt
+	# With build isolation: pip fetches setuptools>=68 (pyproject.toml); the setuptools of a fresh
+	# python3.11 venv cannot build the editable wheel without the `wheel` package.
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(RUNTIME)
 
-demo: $(STAMP)
+$(TESTSTACK): $(RUNTIME) requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $(TESTSTACK)
+
+demo: $(RUNTIME)
 	$(BIN)/python -m uae_jax.demo --workdir=runs/demo
 
-test: $(STAMP)
+test: $(TESTSTACK)
 	$(BIN)/python -m pytest -q -x --durations=15
 
-test-slow: $(STAMP)
+test-slow: $(TESTSTACK)
 	$(BIN)/python -m pytest -q -m slow
 
-bench: $(STAMP)
+bench: $(RUNTIME)
 	$(BIN)/python -m bench.run_all
 
 clean:

@@ -19,6 +19,7 @@ Writing: `write_safetensors` (safetensors.numpy, contiguous float arrays, string
 import json
 import os
 import struct
+import sys
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -210,10 +211,8 @@ def load_torch(path: str) -> Any:
 
 def to_numpy(obj: Any) -> Any:
   """Recursively turn torch tensors into numpy arrays (bfloat16 -> float32, exact)."""
-  try:
-    import torch
-  except ImportError:  # pragma: no cover - only reached with torch objects, so torch exists
-    torch = None
+  # Torch tensors exist only if something imported torch; never import it here.
+  torch = sys.modules.get("torch")
   if torch is not None and isinstance(obj, torch.Tensor):
     t = obj.detach().cpu()
     if t.dtype in (torch.bfloat16,) or "float8" in str(t.dtype):
