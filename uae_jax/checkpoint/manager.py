@@ -195,7 +195,7 @@ def restore_with_fallback(mgr: ocp.CheckpointManager, directory: str, read_step,
     raise CheckpointError(
         f"no readable checkpoint in {directory}; tried " +
         "; ".join(f"step {s}: {r}" for s, r in tried) +
-        f". Nothing was moved: inspect the steps, then move them away to start afresh.")
+        ". Nothing was moved: inspect the steps, then move them away to start afresh.")
   raise CheckpointError(f"{directory} holds no complete checkpoint")
 
 
