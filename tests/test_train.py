@@ -1,6 +1,7 @@
 """The trainer: per-stage parameter updates, sharded == single device, resume, failure modes."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -222,6 +223,18 @@ def test_stage_chaining_starts_from_previous_ema(tmp_path):
     np.testing.assert_array_equal(x, y)
   summary = json.load(open(tmp_path / "s1" / "summary.json"))
   assert summary["final_step"] == 2
+  # A previous stage that stopped before its last step is refused unless explicitly allowed.
+  s1u = _cfg(stage1, steps=4)
+  s1u.ckpt.every_steps = 2
+  train.train_and_evaluate(s1u, str(tmp_path / "s1u"))
+  shutil.rmtree(tmp_path / "s1u" / "checkpoints" / "4")
+  s2.init.from_stage = str(tmp_path / "s1u")
+  with pytest.raises(ConfigError, match="stopped at step 2 of 4.*allow_unfinished"):
+    train.Trainer(s2, str(tmp_path / "s2u")).initial_state(pipeline.make_train_iterator(s2.input))
+  s2.init.allow_unfinished = True
+  _, start = train.Trainer(s2, str(tmp_path / "s2v")).initial_state(
+      pipeline.make_train_iterator(s2.input))
+  assert start == 0
 
 
 def test_metric_writer_handles_remote_style_workdirs(tmp_path, monkeypatch):
