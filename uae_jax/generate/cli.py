@@ -231,7 +231,7 @@ def sample(args) -> dict:
     todo, stop_early = todo[:args.max_chunks], True
   else:
     stop_early = False
-  logging.info("%d of %d chunks already done; %d to go", n_chunks - len(todo), n_chunks, len(todo))
+  print(f"{n_chunks - len(todo)} of {n_chunks} chunks already done; {len(todo)} to go", flush=True)
   t0, made = time.time(), 0
   for k, i in enumerate(todo):
     start, n = i * args.batch, sizes[i]
@@ -343,7 +343,7 @@ def main(argv) -> None:
   args = parser().parse_args(argv)
   from uae_jax.metric_writers import quiet_library_logs  # pylint: disable=g-import-not-at-top
   quiet_library_logs()
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
   try:
     if args.cmd == "sample":
       print(json.dumps(sample(args)), flush=True)
