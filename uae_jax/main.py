@@ -96,11 +96,13 @@ def run():
   """Checks the config overrides, then runs `main` under absl (one-line errors, exit 2)."""
   try:
     check_overrides(sys.argv[1:])
-    flags.FLAGS(sys.argv)  # parsed once here so a wrong-typed value is one line, not absl's usage
+    # Parsed once, here, so a wrong-typed value is one line; absl must not parse them again
+    # (config overrides define their flags while parsing).
+    remaining = flags.FLAGS(sys.argv)
   except (UserError, flags.Error) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  app.run(main)
+  app.run(main, flags_parser=lambda _: remaining)
 
 
 if __name__ == "__main__":
