@@ -1,7 +1,7 @@
 """Train-step throughput on this machine: steps/s, images/s, XLA FLOPs and the fraction of peak.
 
     python -m bench.train_step [--steps 10] [--configs tiny,mid] [--stages 1,3]
-    python -m bench.train_step --gan_phases [--configs tiny]
+    python -m bench.train_step --gan_phases=before_d,d_only,full [--configs tiny]
 
 `--gan_phases` times stage 2 and the three phases of stage 3 (before the discriminator starts,
 discriminator only, discriminator + generator GAN term), so the cost of each phase is visible.
@@ -85,14 +85,15 @@ def main():
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--configs", default="tiny,mid")
   p.add_argument("--stages", default="1,3")
-  p.add_argument("--gan_phases", action="store_true",
-                 help="time stage 2 and each stage-3 GAN phase instead of --stages")
+  p.add_argument("--gan_phases", default="",
+                 help="comma list of stage-3 phases (before_d,d_only,full) timed after stage 2, "
+                      "instead of --stages")
   a = p.parse_args()
   quiet_library_logs()
   peak = matmul_peak()
   print(f"float32 matmul peak (2048^3, 1 device, {os.cpu_count()} cores): {peak / 1e9:.1f} GFLOP/s")
   rows = []
-  cases = ([(2, "full"), (3, "before_d"), (3, "d_only"), (3, "full")] if a.gan_phases else
+  cases = ([(2, "full")] + [(3, p) for p in a.gan_phases.split(",")] if a.gan_phases else
            [(int(s), "full") for s in a.stages.split(",")])
   for name in a.configs.split(","):
     for stage, phase in cases:
