@@ -161,7 +161,8 @@ def test_wrapper_layout_and_export_round_trip(torch_shapes, variables):
   assert not any(k.startswith(("Conv2d_", "Mixed_")) for k in wrapper)
   converted = inc.convert_state_dict(wrapper)
   assert jax.tree.structure(converted) == jax.tree.structure(variables)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(converted), jax.tree.leaves(variables)):
+  leaves = zip(jax.tree_util.tree_leaves_with_path(converted), jax.tree.leaves(variables))
+  for (path, a), b in leaves:
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   # Each pinned name, given a value of its own, lands where it must and nowhere else.
   marked = dict(wrapper)
