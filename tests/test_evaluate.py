@@ -27,7 +27,6 @@ from uae_jax.evaluate import recon_eval
 from uae_jax.evaluate import spectrum
 from uae_jax.models import bands as bands_lib
 from uae_jax.models import lpips as lpips_lib
-from uae_jax.models import uae as uae_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
