@@ -26,7 +26,7 @@ demo: $(RUNTIME)
 	$(BIN)/python -m uae_jax.demo --workdir=runs/demo
 
 test: $(TESTSTACK)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q --durations=25
 
 test-slow: $(TESTSTACK)
 	$(BIN)/python -m pytest -q -m slow

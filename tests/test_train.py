@@ -95,6 +95,26 @@ def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
     assert _changed({"d": disc_before["params"]}, {"d": state["disc"]["params"]})["d"]
 
 
+def test_stage3_compiles_one_step_per_gan_phase(tmp_path):
+  """4 steps with D from step 2 and the G term from step 3: each phase runs only its own work."""
+  config = _cfg(stage3, steps=4, **{"gan.d_start_frac": 0.5, "gan.g_start_frac": 0.75})
+  tr = train.Trainer(config, str(tmp_path))
+  it = pipeline.make_train_iterator(config.input)
+  state, _ = tr.initial_state(it)
+  discs, metrics = [jax.device_get(state["disc"]["params"])], []
+  for step in range(4):
+    state, m = tr.train_step(state, tr.global_batch(it), tr.frozen, step)
+    discs.append(jax.device_get(state["disc"]["params"]))
+    metrics.append(jax.device_get(m))
+  moved = [_changed({"d": a}, {"d": b})["d"] for a, b in zip(discs, discs[1:])]
+  assert moved == [False, False, True, True]
+  assert [("gan_d" in m, "gan_g" in m) for m in metrics] == [
+      (False, False), (False, False), (True, False), (True, True)]
+  assert [(m["d_on"], m["g_on"]) for m in metrics] == [(0, 0), (0, 0), (1, 0), (1, 1)]
+  assert metrics[3]["adaptive_weight"] > 0
+  assert sorted(tr._steps) == [(False, False), (True, False), (True, True)]
+
+
 def test_official_recipe_stage2_step_runs_with_clean_pass(tmp_path):
   config = _cfg(official_stage2, steps=4, **{"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0})
   _, _, state, ms = _run_steps(config, tmp_path, 1)

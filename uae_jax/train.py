@@ -86,10 +86,7 @@ class Trainer:
     self.frozen = self.ctx.place(self.task.load_frozen(config), self.ctx.replicated)
 
     self.batch_keys = tuple(self.task.batch_spec(config))
-    self.train_step = jax.jit(
-        self.task.make_train_step(config),
-        in_shardings=(state_sh, {k: self.ctx.batch_sh for k in self.batch_keys}, None),
-        out_shardings=(state_sh, None), donate_argnums=(0,))
+    self._steps = {}  # phase -> jitted step; a task without phases has the one phase None
     # Runs on every process (evaluators gather per-example results across hosts).
     self.evaluator = self.task.make_evaluator(config, self.ctx, self.frozen)
     self.ckpt = ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(workdir),
@@ -105,6 +102,22 @@ class Trainer:
   def state_abs(self):
     """Abstract state carrying its shardings."""
     return self.ctx.state_abs
+
+  def step_fn(self, step: int):
+    """The jitted train step for the schedule phase host step `step` is in (built once each)."""
+    phase = self.task.phase_at(self.config, step) if self.task.phase_at else None
+    if phase not in self._steps:
+      make = self.task.make_train_step
+      fn = make(self.config, phase) if self.task.phase_at else make(self.config)
+      self._steps[phase] = jax.jit(
+          fn, in_shardings=(self.state_sh, {k: self.ctx.batch_sh for k in self.batch_keys}, None),
+          out_shardings=(self.state_sh, None), donate_argnums=(0,))
+    return self._steps[phase]
+
+  def train_step(self, state, batch, frozen, step=None):
+    """One update; `step` is the state's step number (read from the state when not given)."""
+    step = int(jax.device_get(state["step"])) if step is None else step
+    return self.step_fn(step)(state, batch, frozen)
 
   def initial_state(self, data_iter) -> tuple:
     """(state, start_step): resume from this workdir, else initialise as the task says."""
@@ -138,7 +151,7 @@ class Trainer:
       while step < self.total:
         batch = self.global_batch(data_iter)
         t0 = time.time()
-        state, metrics = self.train_step(state, batch, self.frozen)
+        state, metrics = self.train_step(state, batch, self.frozen, step)
         step += 1
         if step == start + 1:
           jax.block_until_ready(metrics["loss"])

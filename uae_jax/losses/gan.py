@@ -6,12 +6,14 @@ docs/method.md#gan):
   D loss  = hinge_d_loss(D(aug(real)), D(aug(quantize_fake(x_hat_eval))))   (D in train mode)
   G term  = disc_weight * lambda * generator_loss(D(aug(x_hat)))            (D in eval mode)
   lambda  = adaptive_weight(dL_rec/dW, dL_G/dW),  W = decoder/pred/kernel, capped at 1e4
-  d_on, g_on = gan_schedule_weights(step, total_steps)                       (6/16 and 8/16)
+  d_on, g_on = gan_phase(step, total_steps)                                  (6/16 and 8/16)
 
 The tokenizer task composes them (`uae_jax/tasks/uae.py: generator_grads`): one forward, two
-backward passes of (L_rec, L_G) give both gradients at the decoder's last layer for lambda; before
-g_on a `lax.cond` takes the plain branch (one backward, no discriminator forward), and before d_on
-the discriminator update is skipped the same way, so no phase pays for work it does not use.
+backward passes of (L_rec, L_G) give both gradients at the decoder's last layer for lambda. The
+trainer compiles one step per `gan_phase` (a host-side decision on the step number), so before
+g_on the step has no discriminator forward and one backward, and before d_on no discriminator
+update: no phase pays for work it does not use. `gan_schedule_weights` is the traced form of the
+same schedule, for code that needs it inside a jitted function.
 """
 import math
 
@@ -57,6 +59,13 @@ def gan_schedule_weights(step, total_steps, d_start_frac: float = 6 / 16,
   d_on = step >= _start_step(d_start_frac, total_steps)
   g_on = step >= _start_step(g_start_frac, total_steps)
   return d_on, g_on
+
+
+def gan_phase(step: int, total_steps: int, d_start_frac: float = 6 / 16,
+              g_start_frac: float = 8 / 16) -> tuple:
+  """(d_on, g_on) Python bools for a host step number: which compiled step the trainer runs."""
+  return (step >= _start_step(d_start_frac, total_steps),
+          step >= _start_step(g_start_frac, total_steps))
 
 
 def quantize_fake(x):

@@ -37,7 +37,12 @@ class Task:
                                         `frozen_spec` (toy runs; announce it).
   initialize(config, state, ctx)        I/O: start-of-run weights (pretrained encoder, previous
                                         stage...) put into a freshly initialised, placed state.
-  make_train_step(config)               `(state, batch, frozen) -> (state, metrics)`, jittable.
+  make_train_step(config[, phase])      `(state, batch, frozen) -> (state, metrics)`, jittable.
+  phase_at(config, step)                optional: a hashable naming the phase of a schedule the
+                                        host step number is in (e.g. which GAN parts are on).
+                                        The trainer compiles one step per phase, built with
+                                        `make_train_step(config, phase)`, instead of paying for
+                                        every phase's work behind a traced `lax.cond`.
   make_evaluator(config, ctx, frozen)   an object with `evaluate(state) -> {name: float}` and
                                         `images(state) -> {name: (N, H, W, 3) array}`.
 `ctx` is the trainer's `sharding.Placement` (mesh, state shardings, abstract state, `place`).
@@ -50,6 +55,7 @@ class Task:
   initialize: Callable[..., dict]
   frozen_spec: Optional[Callable[..., Any]] = None
   load_frozen: Optional[Callable[..., Any]] = None
+  phase_at: Optional[Callable[..., Any]] = None
 
 
 def get(name: str) -> Task:

@@ -296,53 +296,42 @@ def discriminator_update(config, disc_tx, state, frozen, params, x, rng):
   return new, disc_opt, {"gan_d": loss, "logits_real": l_real, "logits_fake": l_fake}
 
 
-def _zeros_like_metrics(metrics_shape):
-  """Zero scalars with the keys of a metrics dict (the skipped branch of a lax.cond)."""
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-
-
 # ------------------------------------------------------------------------------ the step
-def generator_grads(config, state, batch, frozen, rng):
-  """(loss, grads, parts) of the generator; stage 3 adds the adaptive GAN term once it is on.
+def phase_at(config, step: int) -> tuple:
+  """(d_on, g_on) of the GAN schedule at a host step; the trainer compiles one step per phase."""
+  if not config.gan.enabled:
+    return (False, False)
+  return gan.gan_phase(step, total_steps(config), config.gan.d_start_frac, config.gan.g_start_frac)
 
-  Before `gan.g_start_frac` the step takes the plain branch of a `lax.cond`, so it pays for no
-  discriminator forward and no second backward.
+
+def generator_grads(config, state, batch, frozen, rng, g_on: bool):
+  """(loss, grads, parts) of the generator; with `g_on`, plus the adaptive GAN term.
+
+  Without it the step is one forward and one backward: no discriminator forward at all.
   """
   model, x = build_model(config), batch["image"]
   k_noise, k_aug = jax.random.split(rng)
-
-  def plain(params):
-    rec = lambda p: generator_losses(config, model, p, state["teacher"], x, frozen["lpips"],
-                                     k_noise)[::2]
-    (loss, parts), grads = jax.value_and_grad(rec, has_aux=True)(params)
+  losses = lambda p: generator_losses(config, model, p, state["teacher"], x, frozen["lpips"], k_noise)
+  if not g_on:
+    (loss, parts), grads = jax.value_and_grad(lambda p: losses(p)[::2], has_aux=True)(state["params"])
     return loss, grads, parts
-
-  if not config.gan.enabled:
-    return plain(state["params"])
   disc_vars = {"params": {"backbone": frozen["disc_backbone"], "heads": state["disc"]["params"]},
                "spectral": state["disc"]["spectral"]}
 
-  def with_gan(params):
-    def both(p):
-      l_rec, out, parts = generator_losses(config, model, p, state["teacher"], x, frozen["lpips"],
-                                           k_noise)
-      return (l_rec, adversarial_loss(config, disc_vars, out["recon"], k_aug)), parts
-    return adaptive_gan_grads(config, both, params)
+  def both(p):
+    l_rec, out, parts = losses(p)
+    return (l_rec, adversarial_loss(config, disc_vars, out["recon"], k_aug)), parts
 
-  _, g_on = gan.gan_schedule_weights(state["step"], total_steps(config), config.gan.d_start_frac,
-                                     config.gan.g_start_frac)
-  gan_out = jax.eval_shape(with_gan, state["params"])
-
-  def plain_padded(params):
-    loss, grads, parts = plain(params)
-    extra = {k: v for k, v in gan_out[2].items() if k not in parts}
-    return loss, grads, dict(parts, **_zeros_like_metrics(extra))
-
-  return jax.lax.cond(g_on, with_gan, plain_padded, state["params"])
+  return adaptive_gan_grads(config, both, state["params"])
 
 
-def make_train_step(config):
-  """Builds `train_step(state, batch, frozen) -> (state, metrics)` for this stage's config."""
+def make_train_step(config, phase=None):
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)` for one GAN phase.
+
+  `phase` is `phase_at(config, step)` of the steps it will run; None means the GAN fully on
+  (when the stage has one), the cost a full-size compile should measure.
+  """
+  d_on, g_on = phase if phase is not None else (config.gan.enabled,) * 2
   gen_tx, disc_tx, sched = make_optimizers(config)
   labels = trainable_labels(config)
 
@@ -350,22 +339,19 @@ def make_train_step(config):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_gen, k_disc = jax.random.split(rng)
-    loss, grads, metrics = generator_grads(config, state, batch, frozen, k_gen)
+    loss, grads, metrics = generator_grads(config, state, batch, frozen, k_gen, g_on)
     updates, opt = gen_tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # EMA of the trained subtrees; frozen ones are copied so they stay bit-identical.
     ema = {k: (common.ema_update(state["ema"][k], params[k], config.optim.ema_decay)
                if labels[k] == "train" else params[k]) for k in params}
     new_state = dict(state, step=step + 1, params=params, opt=opt, ema=ema)
+    if d_on:
+      new_state["disc"], new_state["disc_opt"], d_metrics = discriminator_update(
+          config, disc_tx, state, frozen, params, batch["image"], k_disc)
+      metrics.update(d_metrics)
     if config.gan.enabled:
-      d_on, _ = gan.gan_schedule_weights(step, total_steps(config), config.gan.d_start_frac,
-                                         config.gan.g_start_frac)
-      run_d = lambda: discriminator_update(config, disc_tx, state, frozen, params, batch["image"],
-                                           k_disc)
-      skip_d = lambda: (state["disc"], state["disc_opt"],
-                        _zeros_like_metrics(jax.eval_shape(run_d)[2]))
-      new_state["disc"], new_state["disc_opt"], d_metrics = jax.lax.cond(d_on, run_d, skip_d)
-      metrics.update(d_metrics, d_on=d_on.astype(jnp.float32))
+      metrics.update(d_on=jnp.float32(d_on), g_on=jnp.float32(g_on))
     trained = lambda t: {k: v for k, v in t.items() if labels[k] == "train"}
     metrics.update(loss=loss, lr=sched(step),
                    **common.norm_metrics(trained(grads), params, trained(updates)))
@@ -425,4 +411,4 @@ class Evaluator:
 TASK = tasks.Task(
     validate=validate, batch_spec=batch_spec, init_state=init_state,
     make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
-    load_frozen=load_frozen)
+    load_frozen=load_frozen, phase_at=phase_at)
