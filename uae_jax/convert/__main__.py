@@ -1,4 +1,4 @@
-"""Command line: `python -m uae_jax.convert {dinov2, uae-import, uae-export, dino-disc} ...`.
+"""Command line: `python -m uae_jax.convert {dinov2, uae-import, uae-export, dino-disc, clip, siglip2, dit, dit-export} ...`.
 
   python -m uae_jax.convert dinov2 --src FILE_OR_HF_DIR --out DIR [--variant auto|hf|timm|fair]
          [--input-size 224] [--size B] [--num-heads N] [--drop-final-norm]
@@ -6,6 +6,8 @@
          [--encoder-num-heads N] [--decoder-num-heads N]
   python -m uae_jax.convert uae-export --src DIR --out FILE.safetensors [--key-style hf4|hf5]
   python -m uae_jax.convert dino-disc --src FILE --out DIR [--zero-key-bias]
+  python -m uae_jax.convert dit --src FILE --out DIR [--which ema|model]
+  python -m uae_jax.convert dit-export --src DIR --out FILE.safetensors [--no-rope-buffers]
   python -m uae_jax.convert clip --src FILE_OR_HF_DIR --out DIR [--input-size 224] [--drop-post-norm]
   python -m uae_jax.convert siglip2 --src FILE_OR_HF_DIR --out DIR [--drop-final-norm] [--drop-head]
 
@@ -73,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
   dd.add_argument("--out", required=True)
   dd.add_argument("--zero-key-bias", action="store_true",
                   help="zero the key third of attn.qkv.bias as the official code does (no effect)")
+  dt = sub.add_parser("dit", help="official stage-2 DiT^DH checkpoint -> Flax DiTDH params")
+  dt.add_argument("--src", required=True, help="training checkpoint .pt or state dict file")
+  dt.add_argument("--out", required=True, help="output directory")
+  dt.add_argument("--which", default="ema", choices=("ema", "model"))
+  de = sub.add_parser("dit-export", help="converted DiT^DH directory -> official .safetensors")
+  de.add_argument("--src", required=True, help="directory with params.msgpack + arch.json")
+  de.add_argument("--out", required=True, help="output .safetensors file")
+  de.add_argument("--no-rope-buffers", action="store_true",
+                  help="omit the fixed enc/dec_feat_rope.freqs_{cos,sin} buffers")
   return p
 
 
@@ -116,6 +127,15 @@ def main(argv=None) -> int:
       _, arch = discriminator.convert_dino_disc_file(args.src, args.out,
                                                      zero_key_bias=args.zero_key_bias)
       print(f"wrote {args.out}/params.msgpack and arch.json: {json.dumps(arch)}")
+    elif args.cmd == "dit":
+      from uae_jax.convert import dit
+      _, arch = dit.import_official_dit_to_dir(args.src, args.out, args.which)
+      print(f"wrote {args.out}/params.msgpack and arch.json: DiTDH({json.dumps(arch['kwargs'])})")
+    elif args.cmd == "dit-export":
+      from uae_jax.convert import dit
+      sd = dit.export_official_dit_from_dir(args.src, args.out,
+                                            rope_buffers=not args.no_rope_buffers)
+      print(f"wrote {args.out}: {len(sd)} tensors")
   except UserError as e:  # ConversionError is a LoadError, a UserError
     text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
     print(f"error: {text or type(e).__name__}", file=sys.stderr)
