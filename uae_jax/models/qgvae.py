@@ -235,6 +235,22 @@ def uniform_half(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -0.5, 0.5)
 
 
+def unet_with_residual(m: nn.Module, x: Array, out_ch: int, encode: bool) -> Array:
+  """U-Net(x) + the 1 x 1 "mega residual" path resized to its output, inside module `m`.
+
+  The encoder's U-Net goes down by 2^f from the image; the decoder's comes up from the token grid.
+  Both submodules take `m`'s scope ('unet', 'residual'), so the param layout is that of `m`.
+  """
+  kw = dict(res_blocks=m.res_blocks, ch_min=m.ch_min, ch_max=m.ch_max, dtype=m.dtype, name="unet")
+  side = x.shape[1]
+  if encode:
+    out = HourglassUNet(m.ch_min, out_ch, side, skip_up=m.f, **kw)(x)
+  else:
+    out = HourglassUNet(m.ch_max, out_ch, side, skip_down=m.f, **kw)(x)
+  res = conv(out_ch, 1, "residual", fan_in=x.shape[-1], dtype=m.dtype)(x)
+  return out + resize_to(res, out.shape[1])
+
+
 class GlobalEncoder(nn.Module):
   """Image -> continuous global tokens z (B, C, D): U-Net + 1x1 path, transpose, per-head maps."""
   image_size: int
@@ -251,11 +267,7 @@ class GlobalEncoder(nn.Module):
   def __call__(self, x: Array) -> Array:
     """(B, S, S, 3) -> (B, C, D)."""
     c, h, d = self.tokens, self.heads, self.code_dim
-    feat = HourglassUNet(self.ch_min, c, self.image_size, skip_up=self.f,
-                         res_blocks=self.res_blocks, ch_min=self.ch_min, ch_max=self.ch_max,
-                         dtype=self.dtype, name="unet")(x)
-    res = conv(c, 1, "residual", fan_in=x.shape[-1], dtype=self.dtype)(x)
-    feat = feat + resize_to(res, feat.shape[1])          # AvgPool^f of the 1x1 path
+    feat = unet_with_residual(self, x, c, encode=True)  # the 1x1 path AvgPooled by 2^f
     b, side, _, _ = feat.shape
     n = side * side
     # The channel-to-token transpose: token c sees the whole map F_c as a vector of N pixels
@@ -290,10 +302,7 @@ class GlobalDecoder(nn.Module):
     b = zh.shape[0]
     g = jnp.einsum("bhgd,hdn->bnhg", zh.reshape(b, h, c // h, d), kernel) + bias.T[None, :, :, None]
     g = g.reshape(b, side, side, c).astype(self.dtype)
-    out = HourglassUNet(self.ch_max, 3, side, skip_down=self.f, res_blocks=self.res_blocks,
-                        ch_min=self.ch_min, ch_max=self.ch_max, dtype=self.dtype, name="unet")(g)
-    res = conv(3, 1, "residual", fan_in=c, dtype=self.dtype)(g)
-    return (out + resize_to(res, out.shape[1])).astype(jnp.float32)
+    return unet_with_residual(self, g, 3, encode=False).astype(jnp.float32)
 
 
 class LocalEncoder(nn.Module):
@@ -309,11 +318,7 @@ class LocalEncoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """(B, S, S, 3) -> (B, h * w, D) in raster order."""
-    feat = HourglassUNet(self.ch_min, self.code_dim, self.image_size, skip_up=self.f,
-                         res_blocks=self.res_blocks, ch_min=self.ch_min, ch_max=self.ch_max,
-                         dtype=self.dtype, name="unet")(x)
-    res = conv(self.code_dim, 1, "residual", fan_in=x.shape[-1], dtype=self.dtype)(x)
-    feat = (feat + resize_to(res, feat.shape[1])).astype(jnp.float32)
+    feat = unet_with_residual(self, x, self.code_dim, encode=True).astype(jnp.float32)
     return feat.reshape(feat.shape[0], -1, self.code_dim)
 
 
@@ -332,10 +337,7 @@ class LocalDecoder(nn.Module):
     """(B, h * w, D) -> (B, S, S, 3)."""
     side = self.image_size // 2 ** self.f
     g = zh.reshape(zh.shape[0], side, side, self.code_dim).astype(self.dtype)
-    out = HourglassUNet(self.ch_max, 3, side, skip_down=self.f, res_blocks=self.res_blocks,
-                        ch_min=self.ch_min, ch_max=self.ch_max, dtype=self.dtype, name="unet")(g)
-    res = conv(3, 1, "residual", fan_in=self.code_dim, dtype=self.dtype)(g)
-    return (out + resize_to(res, out.shape[1])).astype(jnp.float32)
+    return unet_with_residual(self, g, 3, encode=False).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------ autoencoders
