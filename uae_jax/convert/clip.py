@@ -405,26 +405,37 @@ def uae_clip_to_state_dict(params: Mapping, *, decoder_grid: int = 16) -> Dict[s
   return official_uae_to_state_dict(p, enc_table, decoder_grid=decoder_grid)
 
 
+def read_official_with(from_state_dict: Callable, path: str, which: str,
+                       encoder_input_size: int) -> Tuple[dict, Dict[str, Any]]:
+  """(UAE params, arch) of an official UAE checkpoint whose encoder `from_state_dict` converts."""
+  from uae_jax.convert import uae as uae_convert
+  sd = uae_convert.read_official(path, which)
+  params, arch = from_state_dict(sd, encoder_input_size=encoder_input_size,
+                                 context=f"converting {path}")
+  arch["source"] = {"file": os.path.abspath(path), "which": which}
+  return params, arch
+
+
+def write_official(sd: Dict[str, np.ndarray], path: Optional[str], encoder: str
+                   ) -> Dict[str, np.ndarray]:
+  """Writes an official-layout state dict as .safetensors (when `path`); returns it."""
+  if path is not None:
+    torch_io.write_safetensors(sd, path, {"format": "uae_official_state_dict",
+                                          "encoder": encoder, "exported_by": "uae_jax.convert"})
+  return sd
+
+
 @guard.loader("UAE-CLIP checkpoint")
 def import_official_uae_clip(path: str, which: str = "ema", *, encoder_input_size: int = 224
                              ) -> Tuple[dict, Dict[str, Any]]:
   """(UAE params, arch) from an official UAE-CLIP checkpoint (.pt training dict or flat file)."""
-  from uae_jax.convert import uae as uae_convert
-  sd = uae_convert.read_official(path, which)
-  params, arch = uae_clip_from_state_dict(sd, encoder_input_size=encoder_input_size,
-                                          context=f"converting {path}")
-  arch["source"] = {"file": os.path.abspath(path), "which": which}
-  return params, arch
+  return read_official_with(uae_clip_from_state_dict, path, which, encoder_input_size)
 
 
 def export_official_uae_clip(params: Mapping, path: Optional[str], *, decoder_grid: int = 16
                              ) -> Dict[str, np.ndarray]:
   """Write our UAE-CLIP params as an official-layout .safetensors file (and return the dict)."""
-  sd = uae_clip_to_state_dict(params, decoder_grid=decoder_grid)
-  if path is not None:
-    torch_io.write_safetensors(sd, path, {"format": "uae_official_state_dict",
-                                          "encoder": "clip", "exported_by": "uae_jax.convert"})
-  return sd
+  return write_official(uae_clip_to_state_dict(params, decoder_grid=decoder_grid), path, "clip")
 
 
 def official_importer(kind: str) -> Callable:

@@ -25,7 +25,6 @@ Key table (ours <- HF, `i` = block):
   head/proj                  head.attention.out_proj
   head/norm, head/mlp/fc1|fc2  head.layernorm, head.mlp.fc1|fc2      (only with head=True)
 """
-import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -252,19 +251,12 @@ def uae_siglip_to_state_dict(params: Mapping, *, decoder_grid: int = 16) -> Dict
 def import_official_uae_siglip(path: str, which: str = "ema", *, encoder_input_size: int = 256
                                ) -> Tuple[dict, Dict[str, Any]]:
   """(UAE params, arch) from an official UAE-SigLIP2 checkpoint."""
-  from uae_jax.convert import uae as uae_convert
-  sd = uae_convert.read_official(path, which)
-  params, arch = uae_siglip_from_state_dict(sd, encoder_input_size=encoder_input_size,
-                                            context=f"converting {path}")
-  arch["source"] = {"file": os.path.abspath(path), "which": which}
-  return params, arch
+  return clip_convert.read_official_with(uae_siglip_from_state_dict, path, which,
+                                         encoder_input_size)
 
 
 def export_official_uae_siglip(params: Mapping, path: Optional[str], *, decoder_grid: int = 16
                                ) -> Dict[str, np.ndarray]:
   """Write our UAE-SigLIP2 params as an official-layout .safetensors file (and return the dict)."""
-  sd = uae_siglip_to_state_dict(params, decoder_grid=decoder_grid)
-  if path is not None:
-    torch_io.write_safetensors(sd, path, {"format": "uae_official_state_dict",
-                                          "encoder": "siglip2", "exported_by": "uae_jax.convert"})
-  return sd
+  return clip_convert.write_official(uae_siglip_to_state_dict(params, decoder_grid=decoder_grid),
+                                     path, "siglip2")
