@@ -1,4 +1,4 @@
-"""Command line of `python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum}`.
+"""Command line of `python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum, latent-spectrum}`.
 
   recon      reconstruct an eval split with a trained run (EMA params by default) or an official
              PyTorch UAE checkpoint; PSNR / SSIM / LPIPS (+ rFID with Inception weights); writes
@@ -10,6 +10,8 @@
   probe      linear probe (logistic regression) on band-0 and all-band pooled encoder features.
   spectrum   the Prism analysis: DCT zig-zag / radial band energies and low-pass robustness of
              pixels, VGG16 (LPIPS weights) and DINOv2 (if weights are given); JSON + PNG.
+  latent-spectrum  16-bin band distributions of images and latents of a UAE or KL-VAE run, KL to
+             the flattened target, latent PCA picture, DSM low-pass probe (evaluate/latent_spectrum.py).
 
 Data (`--data`): 'photos' (bundled real photos; 'photos:DIR' for another cache dir),
 'array_record:DIR' (a `python -m uae_jax.data.prepare --out DIR` folder) or 'tfds:NAME'
@@ -690,6 +692,19 @@ def _add_spectrum_parser(sub):
   s.add_argument("--tag", default="", help="files are spectrum_<tag>.{json,png}")
 
 
+def _add_latent_spectrum_parser(sub):
+  """The `latent-spectrum` subcommand (evaluate/latent_spectrum.py)."""
+  from uae_jax.evaluate import latent_spectrum
+  latent_spectrum.add_args(sub.add_parser(
+      "latent-spectrum", help="band distributions of images and latents of a UAE or KL-VAE run"))
+
+
+def cmd_latent_spectrum(args) -> dict:
+  """`latent-spectrum`: see evaluate/latent_spectrum.py."""
+  from uae_jax.evaluate import latent_spectrum
+  return latent_spectrum.run(args)
+
+
 def parser() -> argparse.ArgumentParser:
   """The argparse parser of all subcommands."""
   p = argparse.ArgumentParser(prog="python -m uae_jax.evaluate", description=__doc__,
@@ -701,6 +716,7 @@ def parser() -> argparse.ArgumentParser:
                                             "(ADM evaluator)"))
   _add_probe_parser(sub)
   _add_spectrum_parser(sub)
+  _add_latent_spectrum_parser(sub)
   return p
 
 
@@ -720,7 +736,8 @@ def main(argv=None) -> Any:
   from uae_jax.metric_writers import quiet_library_logs
   quiet_library_logs()
   commands = {"recon": cmd_recon, "fid-stats": cmd_fid_stats, "gen": cmd_gen,
-              "probe": cmd_probe, "spectrum": cmd_spectrum}
+              "probe": cmd_probe, "spectrum": cmd_spectrum,
+              "latent-spectrum": cmd_latent_spectrum}
   try:
     return commands[args.cmd](args)
   except UserError as e:  # ConversionError, LoadError, ConfigError, CheckpointError
