@@ -1,0 +1,98 @@
+"""bench/vs_torch.py compares like with like: our encoder + decoder forward equals the PyTorch
+network it times (transformers' Dinov2WithRegistersModel + ViTMAE decoder layers) given the same
+weights, and one L1 + AdamW step moves both decoders to the same weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from bench import vs_torch  # noqa: E402
+
+ATOL = 1e-4
+
+
+def _perturbed_params(model, seed):
+  """Random params with every leaf (LayerNorms, CLS, LayerScale too) moved off its init value."""
+  params = vs_torch.jax_params(model, 256, seed)
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  leaves = [(x + 0.05 * rng.standard_normal(x.shape)).astype(np.float32) for x in leaves]
+  return jax.tree.unflatten(tree, leaves)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+  """(our model, its params, the PyTorch network loaded with them) at the tiny sizes."""
+  model = vs_torch.jax_model("tiny", "tiny")
+  params = _perturbed_params(model, 3)
+  return model, params, vs_torch.torch_from_params(params, "tiny", "tiny", attn="sdpa")
+
+
+@pytest.mark.torch
+def test_forward_matches_pytorch(tiny_pair, photo_batch):
+  model, params, tmodel = tiny_pair
+  x = np.asarray(photo_batch[:2], np.float32)
+  run = lambda method: jax.jit(lambda p, a: model.apply({"params": p}, a, method=method))
+  with jax.default_matmul_precision("highest"):
+    z = np.array(run("encode")(params, x))
+    img = np.asarray(run("decode")(params, z))
+  with torch.no_grad():
+    z_ref = tmodel.encode(torch.from_numpy(x)).numpy()
+    img_ref = tmodel.decoder(torch.from_numpy(z)).numpy()
+  assert z.shape == z_ref.shape == (2, 16, 16, 64) and img.shape == img_ref.shape == x.shape
+  err_z, err_img = np.abs(z - z_ref).max(), np.abs(img - img_ref).max()
+  print(f"latent max abs err {err_z:.2e}, image {err_img:.2e}")
+  assert err_z <= ATOL and err_img <= ATOL
+  # Not trivially equal: the latent and the image carry signal of order 1.
+  assert np.abs(z).mean() > 0.1 and np.abs(img - img.mean()).mean() > 0.1
+
+
+def _leaf(tree, path):
+  """tree[path[0]][path[1]]...['kernel'] as numpy."""
+  for k in path:
+    tree = tree[k]
+  return np.asarray(tree["kernel"])
+
+
+@pytest.mark.torch
+def test_loss_grads_and_step_match_pytorch(tiny_pair, photo_batch):
+  """Same L1 loss and decoder gradients; one AdamW step moves both decoders alike."""
+  model, params, _ = tiny_pair
+  tmodel = vs_torch.torch_from_params(params, "tiny", "tiny", attn="eager")
+  x = np.asarray(photo_batch[:2], np.float32)
+  dec = jax.tree.map(jnp.asarray, params["decoder"])
+  with jax.default_matmul_precision("highest"):
+    loss, grads = jax.jit(jax.value_and_grad(lambda d, e, a: vs_torch.jax_loss(model, d, e, a)))(
+        dec, params["encoder"], x)
+  # The bench step's optimiser update, jitted alone (compiling the step again costs seconds).
+  tx = vs_torch.jax_optimizer()
+  new_dec = jax.jit(lambda g, d: optax.apply_updates(d, tx.update(g, tx.init(d), d)[0]))(grads, dec)
+  layer = tmodel.decoder.decoder_layers[1]
+  pairs = {("embed",): tmodel.decoder.decoder_embed.weight,
+           ("blocks_1", "mlp", "fc2"): layer.mlp.fc2.weight,
+           ("blocks_1", "attn", "query"): layer.attention.q_proj.weight}
+  before = {k: w.detach().numpy().T.copy() for k, w in pairs.items()}
+  # The PyTorch gradients, read before the step (which recomputes them and applies AdamW).
+  xt = torch.from_numpy(x)
+  with torch.no_grad():
+    z = tmodel.encode(xt)
+  (tmodel.decoder(z) - xt).abs().mean().backward()
+  grad_ref = {k: w.grad.numpy().T.copy() for k, w in pairs.items()}
+  tmodel.decoder.zero_grad(set_to_none=True)
+  loss_ref = float(vs_torch.torch_step_fn(tmodel)(xt))
+  assert abs(float(loss) - loss_ref) <= 1e-5 * max(1.0, loss_ref)
+  for path, w in pairs.items():
+    g, g_ref = _leaf(grads, path), grad_ref[path]
+    scale = np.abs(g_ref).max()
+    assert scale > 0
+    np.testing.assert_allclose(g, g_ref, atol=1e-4 * scale, rtol=0, err_msg=str(path))
+    # Where the gradient is well above float noise, Adam's first update (about -lr * sign(g))
+    # is the same on both sides.
+    big = np.abs(g_ref) > 1e-2 * scale
+    moved, moved_ref = _leaf(new_dec, path) - before[path], w.detach().numpy().T - before[path]
+    assert big.mean() > 0.1 and np.abs(moved_ref[big]).min() > 0.5 * vs_torch.LR
+    np.testing.assert_allclose(moved[big], moved_ref[big], atol=1e-6, rtol=0, err_msg=str(path))
