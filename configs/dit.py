@@ -7,7 +7,9 @@
 
 Arguments: `size=XL|L|B|S`, `kind=ddt|lightning`, `tiny` (this CPU: the tiny UAE of
 `configs/stage1.py:tiny`, 8 x 8 x 64 latents, the bundled photos), `steps=N` (tiny only),
-`tok=UAE_RUN` (same as `--config.tokenizer.workdir=UAE_RUN`).
+`tok=UAE_RUN` (same as `--config.tokenizer.workdir=UAE_RUN`), `band0` (paper recipe: model band 0
+only), `progressive` (official recipe: the 64 -> 256 kept-coefficient schedule; `:tiny` scales it
+to the 8 x 8 grid, 9 -> 64 over its one epoch).
 Hyper-parameters are the reference stage-2 recipe: AdamW (0.9, 0.95), constant 2e-4 for 40
 epochs then linear to 2e-5 at epoch 800, grad clip 1.0, EMA 0.9995, batch 1024, logit-normal
 training times with the 16 x 16 x 768 time shift, label dropout 0.1, Euler-50 sampling.
@@ -16,6 +18,7 @@ import ml_collections
 
 from configs import common
 from uae_jax.data.config import default_input_config
+from uae_jax.generate import views
 
 
 def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
@@ -31,6 +34,19 @@ def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
   # computed on first use).
   c.tokenizer = ml_collections.ConfigDict(dict(config="configs/stage3.py", workdir="", stats="",
                                                allow_random=False))
+
+  # Start-of-run DiT weights: an official stage-2 DiT^DH checkpoint (.pt training dict with
+  # 'model'/'ema', or a state dict .pt/.safetensors) or a `python -m uae_jax.convert dit` output
+  # directory; `dit_which` picks the entry of a training dict.
+  c.init = ml_collections.ConfigDict(dict(dit="", dit_which="ema"))
+
+  # Which latent the DiT models (uae_jax/generate/views.py, docs/generation.md):
+  #   band0_only         paper recipe: only band 0 (semantic) of the radial split;
+  #   progressive.*      official stage-2 schedule: keep the first `count` zig-zag DCT
+  #                      coefficients, count = perfect squares from start_count (-1: the
+  #                      tokenizer's dct_count, 64 at 16 x 16) to max_count (-1: H * W = 256),
+  #                      held for hold_epochs + interval_epochs, then one step every interval.
+  c.latent = views.default_config()
 
   c.model = ml_collections.ConfigDict(dict(
       kind=kind,                # 'ddt' (DiT^DH: body + wide head) | 'lightning' (plain DiT)
@@ -98,6 +114,9 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   c.optim.update(peak_lr=1e-3, end_lr=1e-4, constant_epochs=0.5, decay_end_epochs=1.0,
                  ema_decay=0.99)
   c.sample.update(num_points=25, num_samples=100, batch_size=20)
+  # The schedule in the one epoch of a tiny run: 9 -> 16 -> ... -> 64 coefficients of the 8 x 8
+  # grid, one step every tenth of the run after the first.
+  c.latent.progressive.update(hold_epochs=0.0, interval_epochs=0.1)
   c.ckpt.every_steps = max(steps // 2, 1)
   c.log_every_steps = max(steps // 10, 1)
   c.image_every_steps = steps
@@ -109,9 +128,12 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   """DiT config (full size unless `tiny`)."""
-  a = common.parse_arg(arg, tiny=False, steps=300, size="XL", kind="ddt", tok="")
+  a = common.parse_arg(arg, tiny=False, steps=300, size="XL", kind="ddt", tok="",
+                       band0=False, progressive=False)
   c = base(a.size, a.kind)
   if a.tiny:
     tiny(c, a.steps)
+  c.latent.band0_only = a.band0
+  c.latent.progressive.enabled = a.progressive
   c.tokenizer.workdir = a.tok
   return c

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from uae_jax.errors import ConfigError, UserError
+from uae_jax.generate import views
 
 
 # ------------------------------------------------------------------------------ config
@@ -90,9 +91,11 @@ def resolve_config(spec: str, workdir: str, sets=()):
     raise ConfigError(f"{workdir}: no recorded config in a checkpoint; pass --config")
   config = latents.load_config_spec(spec) if spec else rec
   if rec is not None and spec:
-    for key in ("model", "tokenizer", "transport"):
-      config[key] = rec[key]
+    for key in ("model", "tokenizer", "transport", "latent"):
+      if key in rec:
+        config[key] = rec[key]
     logging.info("model, tokenizer and transport taken from the config recorded in %s", workdir)
+  views.with_defaults(config)
   apply_overrides(config, sets)
   return config
 
@@ -187,13 +190,13 @@ def _build_generate(args, config, mesh):
     guide_params = restore_dit(g_cfg, g_dir, mesh, args.params)
   uae_cfg, tokenizer = dit_task.build_tokenizer(config)
   tok = latents.load_tokenizer_params(config, uae_cfg)
-  stats = latents.ensure_stats(config, uae_cfg, tok)
+  stats = dit_task.latent_stats(config, uae_cfg, tok)
   rep = sharding_lib.replicated(mesh)
   tok = jax.device_put(tok, rep)
   stats = jax.device_put({"mean": stats["mean"], "std": stats["std"]}, rep)
   gen = sampling.make_generate(dit_task.build_model(config), tokenizer,
                                config.transport.prediction, spec, config.model.num_classes,
-                               guide_model)
+                               guide_model, decode=views.decode_method(config))
   m = config.model
   shape = (m.input_size, m.input_size, m.in_channels)
   key = jax.random.key(args.seed)
@@ -289,8 +292,9 @@ def stats(args) -> dict:
   config = resolve_config(args.config, args.workdir, args.set)
   uae_cfg = latents.tokenizer_config(config)
   tok = latents.load_tokenizer_params(config, uae_cfg)
-  s = latents.ensure_stats(config, uae_cfg, tok, recompute=args.recompute)
-  path = latents.stats_path(config)
+  from uae_jax.tasks import dit as dit_task  # pylint: disable=g-import-not-at-top
+  s = dit_task.latent_stats(config, uae_cfg, tok, recompute=args.recompute)
+  path = latents.stats_path(config, views.stats_tag(config, uae_cfg))
   print(f"latent statistics {path or '(not stored: random tokenizer)'}: shape {s['mean'].shape}, "
         f"mean |mean| {np.abs(s['mean']).mean():.4f}, mean std {s['std'].mean():.4f}", flush=True)
   return {"path": path}

@@ -99,15 +99,17 @@ def load_tokenizer_params(config, uae_cfg) -> dict:
 
 
 # ------------------------------------------------------------------------------ statistics
-def stats_path(config) -> str:
+def stats_path(config, tag: str = "") -> str:
   """Where the latent statistics live: `tokenizer.stats`, else next to the tokenizer run.
 
   '' for a random toy tokenizer without `tokenizer.stats`: its statistics are never stored.
+  `tag` names a latent other than the plain `tokenize` output (e.g. '_band0', see views.py).
   """
   tok = config.tokenizer
   if tok.stats or not tok.workdir:
     return tok.stats
-  return os.path.join(tok.workdir, f"latent_stats_{config.input.source}_{config.input.split}.npz")
+  return os.path.join(tok.workdir,
+                      f"latent_stats_{config.input.source}_{config.input.split}{tag}.npz")
 
 
 def normalise(z, stats):
@@ -133,13 +135,13 @@ def combine_moments(acc: Optional[dict], n, mean, m2) -> dict:
           "m2": acc["m2"] + m2 + delta**2 * (acc["n"] * n / tot)}
 
 
-def _batch_moments_fn(model, hflip: bool):
+def _batch_moments_fn(model, hflip: bool, method="tokenize"):
   """jit(params, images, mask) -> (count, mean, M2) of the batch's latents (and mirrors)."""
   def fn(params, images, mask):
-    z = model.apply({"params": params}, images, method="tokenize").astype(jnp.float32)
+    z = model.apply({"params": params}, images, method=method).astype(jnp.float32)
     m = mask.astype(jnp.float32)
     if hflip:
-      z_f = model.apply({"params": params}, images[:, :, ::-1], method="tokenize")
+      z_f = model.apply({"params": params}, images[:, :, ::-1], method=method)
       z, m = jnp.concatenate([z, z_f.astype(jnp.float32)]), jnp.concatenate([m, m])
     mb = m[:, None, None, None]
     n = jnp.sum(m)
@@ -148,13 +150,14 @@ def _batch_moments_fn(model, hflip: bool):
   return fn
 
 
-def compute_stats(config, uae_cfg, tok_params, hflip: bool = True, max_batches: int = 0) -> dict:
+def compute_stats(config, uae_cfg, tok_params, hflip: bool = True, max_batches: int = 0,
+                  method="tokenize") -> dict:
   """Exact per-element mean / var of the normalisation latents over `input.split`."""
   from uae_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from uae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
   batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  fn = jax.jit(_batch_moments_fn(build_tokenizer(uae_cfg), hflip), out_shardings=rep)
+  fn = jax.jit(_batch_moments_fn(build_tokenizer(uae_cfg), hflip, method), out_shardings=rep)
   params = jax.device_put(tok_params, rep)
   cfg = config.input.copy_and_resolve_references()
   cfg.eval_max_examples = 0
@@ -206,16 +209,22 @@ def _with_std(stats: dict) -> dict:
   return {"mean": mean, "var": var, "std": np.sqrt(var + STATS_EPS).astype(np.float32)}
 
 
-def ensure_stats(config, uae_cfg, tok_params, recompute: bool = False) -> dict:
-  """Loads the statistics file, computing and storing it first if it is missing."""
-  path = stats_path(config)
+def ensure_stats(config, uae_cfg, tok_params, recompute: bool = False, method="tokenize",
+                 tag: str = "") -> dict:
+  """Loads the statistics file, computing and storing it first if it is missing.
+
+  `method` (a tokenizer method name or function) and `tag` select another latent than the plain
+  `tokenize` output (uae_jax/generate/views.py).
+  """
+  path = stats_path(config, tag)
   if not path:
-    return _with_std(compute_stats(config, uae_cfg, tok_params, hflip=config.train.hflip))
+    return _with_std(compute_stats(config, uae_cfg, tok_params, hflip=config.train.hflip,
+                                   method=method))
   if recompute or not epath.Path(path).exists():
     logging.info("latent statistics: one pass over %s/%s -> %s", config.input.source,
                  config.input.split, path)
-    stats = compute_stats(config, uae_cfg, tok_params, hflip=config.train.hflip)
-    save_stats(path, stats, {"tokenizer_config": config.tokenizer.config,
+    stats = compute_stats(config, uae_cfg, tok_params, hflip=config.train.hflip, method=method)
+    save_stats(path, stats, {"latent": tag or "tokenize", "tokenizer_config": config.tokenizer.config,
                              "tokenizer_workdir": config.tokenizer.workdir,
                              "source": config.input.source, "split": config.input.split,
                              "hflip": config.train.hflip})

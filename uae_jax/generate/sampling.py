@@ -113,12 +113,15 @@ def make_latent_sampler(model, prediction: str, spec: SamplerSpec, num_classes: 
 
 
 def make_generate(model, tokenizer, prediction: str, spec: SamplerSpec, num_classes: int,
-                  guide_model: Optional[Any] = None):
-  """generate(params, guide_params, tok_params, stats, noise, labels, rng) -> uint8 images."""
+                  guide_model: Optional[Any] = None, decode="decode"):
+  """generate(params, guide_params, tok_params, stats, noise, labels, rng) -> uint8 images.
+
+  `decode` is the tokenizer method turning a latent into an image (`views.decode_method`).
+  """
   sample = make_latent_sampler(model, prediction, spec, num_classes, guide_model)
 
   def generate(params, guide_params, tok_params, stats, noise, labels, rng):
     z = latents.denormalise(sample(params, guide_params, noise, labels, rng), stats)
-    return to_uint8(tokenizer.apply({"params": tok_params}, z, method="decode"))
+    return to_uint8(tokenizer.apply({"params": tok_params}, z, method=decode))
 
   return generate

@@ -26,6 +26,7 @@ from uae_jax.generate import latents
 from uae_jax.generate import samplers
 from uae_jax.generate import sampling
 from uae_jax.generate import transport
+from uae_jax.generate import views
 from uae_jax.metric_writers import image_grid
 from uae_jax.models import dit as dit_lib
 from uae_jax.tasks import common
@@ -96,6 +97,9 @@ def validate(config) -> None:
   if m.input_size % m.patch_size:
     raise ConfigError(f"model.input_size={m.input_size} is not a multiple of model.patch_size")
   uae_cfg = latents.tokenizer_config(config)
+  views.validate(config, uae_cfg)
+  if config.init.dit and not latents.epath.Path(config.init.dit).exists():
+    raise ConfigError(f"init.dit={config.init.dit!r} does not exist")
   shape = latents.latent_shape(uae_cfg)
   if (m.input_size, m.input_size, m.in_channels) != shape:
     raise ConfigError(f"model.input_size={m.input_size}, model.in_channels={m.in_channels} do not "
@@ -141,25 +145,59 @@ def load_frozen(config) -> dict:
   """Host arrays of the frozen tokenizer (EMA params) and the latent statistics."""
   uae_cfg = latents.tokenizer_config(config)
   tok_params = latents.load_tokenizer_params(config, uae_cfg)
-  stats = latents.ensure_stats(config, uae_cfg, tok_params)
+  stats = latent_stats(config, uae_cfg, tok_params)
   logging.info("latent statistics: mean |mean| %.4f, mean std %.4f",
                float(np.abs(stats["mean"]).mean()), float(stats["std"].mean()))
   return {"tokenizer": tok_params, "stats": {"mean": stats["mean"], "std": stats["std"]}}
 
 
+def latent_stats(config, uae_cfg, tok_params, recompute: bool = False) -> dict:
+  """The statistics of the latent `config.latent` selects (computed and stored on first use)."""
+  return latents.ensure_stats(config, uae_cfg, tok_params, recompute,
+                              method=views.stats_method(config, uae_cfg),
+                              tag=views.stats_tag(config, uae_cfg))
+
+
 def initialize(config, state: dict, ctx) -> dict:
-  """Nothing to load: a DiT starts from its own initialisation."""
-  del config, ctx
-  return state
+  """Start-of-run weights: an official DiT^DH checkpoint (or converted directory) in `init.dit`."""
+  if not config.init.dit:
+    return state
+  from uae_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
+  logging.info("init: DiT params (%s) from %s", config.init.dit_which, config.init.dit)
+  params = ctx.place(dit_convert.load(config.init.dit, dict(config.model), config.init.dit_which),
+                     ctx.state_sh["params"])
+  return dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
 
 
 # ------------------------------------------------------------------------------ the step
-def encode_batch(config, tokenizer, frozen, images, rng=None):
-  """Normalised latents (B, H, W, C) of an image batch; random horizontal flip when `rng`."""
+def band_schedule(config, uae_cfg) -> tuple:
+  """(counts, first step of each later count) of the progressive schedule; ((), ()) when off."""
+  p = config.latent.progressive
+  if not p.enabled:
+    return (), ()
+  counts = views.schedule_counts(config, uae_cfg)
+  per_epoch = total_steps(config) / max(config.train.num_epochs, 1e-9)
+  return counts, views.boundaries(len(counts), per_epoch, p.hold_epochs, p.interval_epochs)
+
+
+def band_count(schedule, step):
+  """Kept DCT coefficients at `step` (traced or host int), or None when the schedule is off."""
+  counts, bounds = schedule
+  return views.count_at(step, counts, bounds) if counts else None
+
+
+def encode_batch(config, tokenizer, frozen, images, rng=None, count=None):
+  """Normalised latents (B, H, W, C) of an image batch; random horizontal flip when `rng`.
+
+  The latent is the one `config.latent` selects; `count` is the progressive schedule's number
+  of kept DCT coefficients at this step (None when the schedule is off).
+  """
   if rng is not None and config.train.hflip:
     flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
     images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
-  z = tokenizer.apply({"params": frozen["tokenizer"]}, images, method="tokenize")
+  from uae_jax.models import uae as uae_lib  # pylint: disable=g-import-not-at-top
+  method = views.tokenize_method(config, isinstance(tokenizer, uae_lib.OfficialUAE))
+  z = tokenizer.apply({"params": frozen["tokenizer"]}, images, count, method=method)
   return jax.lax.stop_gradient(latents.normalise(z.astype(jnp.float32), frozen["stats"]))
 
 
@@ -191,13 +229,15 @@ def make_train_step(config):
   """Builds `train_step(state, batch, frozen) -> (state, metrics)`."""
   tx, sched = make_optimizer(config)
   model = build_model(config)
-  _, tokenizer = build_tokenizer(config)
+  uae_cfg, tokenizer = build_tokenizer(config)
+  schedule = band_schedule(config, uae_cfg)
 
   def train_step(state, batch, frozen):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_flip, k_loss = jax.random.split(rng)
-    x1 = encode_batch(config, tokenizer, frozen, batch["image"], k_flip)
+    count = band_count(schedule, step)
+    x1 = encode_batch(config, tokenizer, frozen, batch["image"], k_flip, count)
     labels = class_labels(config, batch["label"])
     grad_fn = jax.value_and_grad(lambda p: loss_fn(config, model, p, x1, labels, k_loss),
                                  has_aux=True)
@@ -211,6 +251,8 @@ def make_train_step(config):
                    loss_t_hi=jnp.sum(per * late) / jnp.maximum(jnp.sum(late), 1.0),
                    loss_t_lo=jnp.sum(per * (1 - late)) / jnp.maximum(jnp.sum(1 - late), 1.0),
                    **common.norm_metrics(grads, params, updates))
+    if count is not None:
+      metrics["band_count"] = count.astype(jnp.float32)
     return new_state, metrics
 
   return train_step
@@ -223,7 +265,8 @@ class Evaluator:
   def __init__(self, config, ctx, frozen):
     self.config, self.ctx, self.frozen = config, ctx, frozen
     self.model = build_model(config)
-    _, self.tokenizer = build_tokenizer(config)
+    uae_cfg, self.tokenizer = build_tokenizer(config)
+    self._schedule = band_schedule(config, uae_cfg)
     self._loss = jax.jit(self._eval_loss, out_shardings=ctx.replicated)
     e = config.eval
     n_cls = min(config.model.num_classes, e.grid_classes)
@@ -242,13 +285,18 @@ class Evaluator:
   def _generate_fn(self, spec):
     """Jitted generate() for one sampler spec (replicated inputs: the grid is small)."""
     gen = sampling.make_generate(self.model, self.tokenizer, self.config.transport.prediction,
-                                 spec, self.config.model.num_classes)
+                                 spec, self.config.model.num_classes,
+                                 decode=views.decode_method(self.config))
     return jax.jit(lambda p, tok, st, noise, y, rng: gen(p, None, tok, st, noise, y, rng),
                    out_shardings=self.ctx.replicated)
 
-  def _eval_loss(self, params, frozen, images, labels, mask, rng):
-    """(sum of masked per-sample losses, count) of one eval batch; no label dropout, no flip."""
-    x1 = encode_batch(self.config, self.tokenizer, frozen, images)
+  def _eval_loss(self, params, frozen, images, labels, mask, rng, step):
+    """(sum of masked per-sample losses, count) of one eval batch; no label dropout, no flip.
+
+    The latent is the one the train step sees at `step` (the progressive schedule's count).
+    """
+    count = band_count(self._schedule, step)
+    x1 = encode_batch(self.config, self.tokenizer, frozen, images, None, count)
     _, (per, _) = loss_fn(self.config, self.model, params, x1, class_labels(self.config, labels),
                           rng, train=False)
     m = mask.astype(jnp.float32)
@@ -267,7 +315,7 @@ class Evaluator:
       rng = jax.random.fold_in(jax.random.key(self.config.eval.seed), i)
       for name, key in (("eval/loss", "params"), ("eval_ema/loss", "ema")):
         s, n = jax.device_get(self._loss(state[key], self.frozen, g["image"], g["label"],
-                                         g["mask"], rng))
+                                         g["mask"], rng, state["step"]))
         sums[name][0] += float(s)
         sums[name][1] += float(n)
     return {k: s / max(n, 1.0) for k, (s, n) in sums.items()}
