@@ -92,7 +92,12 @@ def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.C
   c.loss = ml_collections.ConfigDict(dict(
       l1=1.0, lpips=1.0, semantic=0.0,
       # Official recipe only: clean-reconstruction pass and zig-zag semantic loss.
-      clean_l1=0.0, clean_lpips=0.0, semantic_first_k=official["semantic_first_k"]))
+      clean_l1=0.0, clean_lpips=0.0, semantic_first_k=official["semantic_first_k"],
+      # Spectrum Matching (docs/spectrum_matching.md), off by default: ESM weight on the fused
+      # latent (target flattened by (j + 1)^esm_delta), and DSM's shared block-DCT masking of the
+      # decoder's latent and the image (paper recipe, latent grid divisible by 8).
+      esm=0.0, esm_delta=1.0, esm_loss_type="kl", esm_center="mean", esm_blur_skip_height=32,
+      dsm=False, dsm_choices=(0, 8, 10, 12)))
 
   c.gan = ml_collections.ConfigDict(dict(
       enabled=False, backbone="S8", weight=0.75, max_weight=1e4, d_start_frac=6 / 16,

@@ -125,6 +125,33 @@ def validate(config) -> None:
     raise ConfigError(f"input.image_size={config.input.image_size} must be model.decoder.patch_size "
                       f"({config.model.decoder.patch_size}) x the encoder grid ({grid}) so the "
                       "reconstruction has the input's size")
+  validate_spectrum_terms(config, grid)
+
+
+def validate_spectrum_terms(config, grid: int) -> None:
+  """Checks the optional Spectrum Matching keys of `config.loss` (ESM weight, DSM masking)."""
+  from uae_jax.losses import spectrum  # pylint: disable=g-import-not-at-top
+  loss = config.loss
+  if loss.get("esm", 0.0) < 0:
+    raise ConfigError(f"loss.esm={loss.esm} must be >= 0")
+  if loss.get("esm", 0.0) > 0:
+    if loss.get("esm_loss_type", "kl") not in spectrum.LOSS_TYPES:
+      raise ConfigError(f"loss.esm_loss_type={loss.esm_loss_type!r}: expected one of "
+                        f"{spectrum.LOSS_TYPES}")
+    if loss.get("esm_center", "mean") not in spectrum.CENTERS:
+      raise ConfigError(f"loss.esm_center={loss.esm_center!r}: expected one of {spectrum.CENTERS}")
+  if not loss.get("dsm", False):
+    return
+  if config.recipe != "paper":
+    raise ConfigError("loss.dsm needs recipe='paper' (the official recipe's decoder input, the "
+                      "noised DCT-masked latent, is internal to its forward)")
+  if grid % spectrum.DSM_BLOCK:
+    raise ConfigError(f"loss.dsm needs a latent grid divisible by {spectrum.DSM_BLOCK}; this "
+                      f"encoder's is {grid}x{grid}")
+  choices = tuple(loss.get("dsm_choices", spectrum.DSM_CHOICES))
+  if not choices or any(not 0 <= int(k) <= 2 * spectrum.DSM_BLOCK - 1 for k in choices):
+    raise ConfigError(f"loss.dsm_choices={choices}: k counts removed anti-diagonals, "
+                      f"0..{2 * spectrum.DSM_BLOCK - 1}")
 
 
 def batch_spec(config) -> dict:
@@ -226,11 +253,57 @@ def semantic_loss(config, model, params, teacher, out, x):
   return semantic.band_semantic_mse(out["bands"], teacher_bands, config.model.k_base)
 
 
+def esm_term(config, model, params, out, x):
+  """ESM on the fused clean latent (the `tokenize` output a generator models): a scalar.
+
+  Paper recipe: fuse(clean bands); official recipe: the encoder's latent. Images go in as
+  [-1, 1], the range the regulariser was defined on. Gradients reach the latent only.
+  """
+  from uae_jax.losses import spectrum  # pylint: disable=g-import-not-at-top
+  loss = config.loss
+  z = (model.apply({"params": params}, out["bands"], method="fuse") if config.recipe == "paper"
+       else out["latent"])
+  return spectrum.esm_loss(2.0 * x - 1.0, z, loss.get("esm_delta", 1.0),
+                           loss.get("esm_loss_type", "kl"), center=loss.get("esm_center", "mean"),
+                           blur_skip_height=loss.get("esm_blur_skip_height", 32))
+
+
+def dsm_recon(config, model, params, out, x, rng):
+  """(recon, target, k): DSM's shared block-DCT low-pass of the decoder's latent and the image.
+
+  The decoder sees the low-passed fused (noised) latent; the target is the same low-pass of the
+  image, so every reconstruction term is frequency aligned. k is drawn per step from
+  `loss.dsm_choices` as an array (one compile for every k); k = 0 is the plain forward. The
+  unmasked decode of the forward is then unused and XLA drops it.
+  """
+  from uae_jax.losses import spectrum  # pylint: disable=g-import-not-at-top
+  k = spectrum.sample_dsm_k(jax.random.fold_in(rng, 0x5D5),
+                            tuple(config.loss.get("dsm_choices", spectrum.DSM_CHOICES)))
+  v = {"params": params}
+  q_bar = spectrum.dsm_mask(model.apply(v, out["noised_bands"], method="fuse"), k)
+  recon = model.apply(v, q_bar.astype(out["noised_bands"].dtype), method="decode")
+  return recon, spectrum.dsm_mask(x, k), k
+
+
 def generator_losses(config, model, params, teacher, x, lpips_params, rng):
-  """Forward in train mode and the non-adversarial loss: (L_rec [+ w_sem L_sem], out, parts)."""
+  """Forward in train mode and the non-adversarial loss: (L_rec [+ w_sem L_sem], out, parts).
+
+  Optional Spectrum Matching terms (off by default): `loss.esm` > 0 adds w_esm * ESM of the fused
+  latent; `loss.dsm` replaces the reconstruction pair by its shared block-DCT low-pass.
+  """
   out = model.apply({"params": params}, x, train=True, rngs={"noise": rng})
   loss = config.loss
-  total, parts = reconstruction_terms(config, lpips_params, out["recon"], x, loss.l1, loss.lpips)
+  target, spectral = x, {}
+  if loss.get("dsm", False):
+    recon, target, k = dsm_recon(config, model, params, out, x, rng)
+    out = dict(out, recon=recon)   # the GAN term (if on) judges the aligned reconstruction too
+    spectral["dsm_k"] = k.astype(jnp.float32)
+  total, parts = reconstruction_terms(config, lpips_params, out["recon"], target, loss.l1,
+                                      loss.lpips)
+  parts.update(spectral)
+  if loss.get("esm", 0.0) > 0:
+    parts["esm"] = esm_term(config, model, params, out, x)
+    total = total + loss.esm * parts["esm"]
   if "recon_clean" in out:
     t, p = reconstruction_terms(config, lpips_params, out["recon_clean"], x, loss.clean_l1,
                                 loss.clean_lpips, "clean_")
