@@ -227,25 +227,14 @@ def analyze(encode: Callable, batches: Iterable[np.ndarray], *,
                    "cosine_centered": cosine_per_image(center(low[name]), center(reference[name]))}
             for name in reference}
 
-  sums, cos_sums, count, channels = {}, {}, 0, {}
+  sums, cos_sums, count, channels = None, {}, 0, {}
   for images in batches:
     images = jnp.asarray(images, jnp.float32)
     ref = enc(images)
-    rep = jax.device_get(energies(ref))
-    for name, g in ref.items():
-      channels[name] = int(g.shape[-1])
-    for name, variants in rep.items():
-      acc = sums.setdefault(name, {})
-      for variant, values in variants.items():
-        a = acc.setdefault(variant, {})
-        for key, v in values.items():
-          a[key] = a.get(key, 0.0) + np.sum(np.asarray(v, np.float64), axis=0)
-    for c in cutoffs:
-      res = jax.device_get(lowpass_cos(images, ref, float(c)))
-      for name, d in res.items():
-        acc = cos_sums.setdefault(name, {}).setdefault(float(c), {})
-        for key, v in d.items():
-          acc[key] = acc.get(key, 0.0) + float(np.sum(v))
+    channels = {name: int(g.shape[-1]) for name, g in ref.items()}
+    sums = _add_batch(sums, jax.device_get(energies(ref)))
+    for c in map(float, cutoffs):
+      cos_sums[c] = _add_batch(cos_sums.get(c), jax.device_get(lowpass_cos(images, ref, c)))
     count += int(images.shape[0])
   if count == 0:
     raise ValueError("no images")
@@ -253,26 +242,35 @@ def analyze(encode: Callable, batches: Iterable[np.ndarray], *,
   for name, variants in sums.items():
     entry = {"num_images": count, "channels": channels[name]}
     for variant, values in variants.items():
-      mean = {k: v / count for k, v in values.items()}
-      total = float(mean["total"])
-      entry[variant] = {
-          "total_energy": total,
-          "zigzag_chunk_energy": _tolist(mean["chunks"]),
-          "zigzag_chunk_fraction": _tolist(mean["chunks"] / total),
-          "zigzag_coefficient_energy": _tolist(mean["zigzag"]),
-      }
-      for k in bands:
-        for q in ("band_energy", "band_partition"):
-          v = mean[f"{q}_k{k}"]
-          entry[variant][f"{q}_k{k}"] = _tolist(v)
-          entry[variant][f"{q}_fraction_k{k}"] = _tolist(v / total)
-    entry["lowpass"] = {
-        "cutoffs": [float(c) for c in cutoffs],
-        "cosine": [cos_sums[name][float(c)]["cosine"] / count for c in cutoffs],
-        "cosine_centered": [cos_sums[name][float(c)]["cosine_centered"] / count for c in cutoffs],
-    }
+      entry[variant] = _energy_entry(jax.tree.map(lambda v: v / count, values), bands)
+    entry["lowpass"] = {"cutoffs": [float(c) for c in cutoffs]}
+    for key in ("cosine", "cosine_centered"):
+      entry["lowpass"][key] = [float(cos_sums[float(c)][name][key]) / count for c in cutoffs]
     out[name] = entry
   return out
+
+
+def _add_batch(acc, tree):
+  """`acc` + `tree` summed over its batch axis in float64 (nested dicts); `acc` None starts it."""
+  batch_sum = jax.tree.map(lambda v: np.sum(np.asarray(v, np.float64), axis=0), tree)
+  return batch_sum if acc is None else jax.tree.map(np.add, acc, batch_sum)
+
+
+def _energy_entry(mean: dict, bands: Sequence[int]) -> dict:
+  """The JSON entry of one variant's image-averaged energies (absolute and as fractions)."""
+  total = float(mean["total"])
+  entry = {
+      "total_energy": total,
+      "zigzag_chunk_energy": _tolist(mean["chunks"]),
+      "zigzag_chunk_fraction": _tolist(mean["chunks"] / total),
+      "zigzag_coefficient_energy": _tolist(mean["zigzag"]),
+  }
+  for k in bands:
+    for q in ("band_energy", "band_partition"):
+      v = mean[f"{q}_k{k}"]
+      entry[f"{q}_k{k}"] = _tolist(v)
+      entry[f"{q}_fraction_k{k}"] = _tolist(v / total)
+  return entry
 
 
 def _tolist(x) -> list:
