@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 TESTSTACK := $(VENV)/.installed-test
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo demo-generate test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ $(TESTSTACK): $(RUNTIME) requirements-test.txt
 
 demo: $(RUNTIME)
 	$(BIN)/python -m uae_jax.demo --workdir=runs/demo
+
+demo-generate: $(RUNTIME)
+	$(BIN)/python -m uae_jax.demo_generate --workdir=runs/demo_generate
 
 test: $(TESTSTACK)
 	$(BIN)/python -m pytest -q --durations=25

@@ -206,3 +206,27 @@ def test_dit_s_sized_body_parity(tmp_path):
     got = np.asarray(inter["intermediates"][name]["__call__"][0])
     np.testing.assert_allclose(got, w, atol=TOL * max(1.0, np.abs(w).max()), rtol=0, err_msg=name)
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_trainer_starts_from_init_dit(tmp_path):
+  """`init.dit` puts the converted official weights into params and EMA of a trainer run."""
+  from configs import dit as dit_config
+  from uae_jax import train
+  from uae_jax.data import pipeline
+  torch.manual_seed(0)
+  tm = ref.randomize_(ref.DiTwDDTHead(input_size=8, in_channels=64, **TINY), 0)
+  path = str(tmp_path / "official.pt")
+  torch.save({"model": tm.state_dict(), "ema": tm.state_dict()}, path)
+  c = dit_config.get_config("tiny,steps=2")
+  c.tokenizer.allow_random = True
+  c.model.scan_blocks = True
+  c.init.dit = path
+  tr = train.Trainer(c, str(tmp_path / "run"))
+  state, _ = tr.initial_state(pipeline.make_train_iterator(c.input))
+  host = jax.device_get(state)
+  want = dit_convert.in_layout(dit_convert.import_official_dit(path)[0], True)
+  for key in ("params", "ema"):
+    for a, b in zip(jax.tree.leaves(host[key]), jax.tree.leaves(want)):
+      assert np.array_equal(a, b)
+  tr.close()
