@@ -112,7 +112,7 @@ def test_projector_method_validation():
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 8])
-@pytest.mark.parametrize("method", ["fft", "matmul"])
+@pytest.mark.parametrize("method", ["fft", "dense", "separable"])
 def test_bands_sum_to_input_random(k, method):
   for hw in [(16, 16), (16, 12)]:
     z = _random_latent((2, *hw, 8), seed=k)
@@ -132,7 +132,7 @@ def test_bands_sum_to_input_photo(photo_batch, method):
     assert np.max(np.abs(bands.sum(0) - grid)) <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["fft", "matmul"])
+@pytest.mark.parametrize("method", ["fft", "dense", "separable"])
 def test_constant_grid_in_band0(method):
   z = np.broadcast_to(np.linspace(-2, 3, 6, dtype=np.float32), (2, 16, 12, 6))
   bands = np.asarray(B.BandProjector(16, 12, 4, method=method).split(z))
@@ -150,9 +150,46 @@ def test_fft_equals_matmul_and_float64(k):
     fft = np.asarray(B.split_bands_fft(z, p.masks, split))
     mm = np.asarray(B.split_bands_matmul(z, p.operator))
     assert np.max(np.abs(fft - mm)) <= 1e-5
+    sep = np.asarray(B.split_bands_separable(z, p.multipliers))
+    assert np.max(np.abs(fft - sep)) <= 1e-5
     ref = _numpy_split(z, _step_multipliers(*hw, k, split))
     assert np.max(np.abs(mm - ref)) <= 1e-5
     assert np.max(np.abs(fft - ref)) <= 1e-5
+    assert np.max(np.abs(sep - ref)) <= 1e-5
+
+
+def test_hartley_matrix_orthonormal_involution():
+  for n in (1, 2, 7, 16):
+    t = B.hartley_matrix(n)
+    np.testing.assert_allclose(t, t.T, atol=1e-12)
+    np.testing.assert_allclose(t @ t, np.eye(n), atol=1e-12)
+
+
+def test_separable_path_chosen_by_size_equals_fft(photo_batch):
+  """method='matmul' takes the dense operator on small grids, the separable one on large ones;
+  both equal the FFT reference within 1e-5 (latent-sized channels, real photo content)."""
+  assert B.fast_path(8, 8) == "dense" and B.fast_path(16, 16) == "separable"
+  z = _photo_latent(photo_batch)[:2]
+  p = B.BandProjector(16, 16, 4)
+  fft = np.asarray(B.BandProjector(16, 16, 4, method="fft").split(z))
+  fast = np.asarray(jax.jit(p.split)(z))
+  assert np.max(np.abs(fast - fft)) <= 1e-5
+  np.testing.assert_allclose(np.asarray(p.split(z, first_band=1)), fast[1:], atol=1e-6)
+  # Any grid works, not only squares or powers of two.
+  z = _random_latent((2, 10, 6, 4), seed=5)
+  for split in B.BAND_SPLITS:
+    q = B.BandProjector(10, 6, 3, band_split=split)
+    ref = np.asarray(B.split_bands_fft(z, q.masks, split))
+    assert np.max(np.abs(np.asarray(B.split_bands_separable(z, q.multipliers)) - ref)) <= 1e-5
+
+
+def test_separable_rejects_uneven_multipliers():
+  mult = np.ones((2, 8, 8))
+  mult[0, 1, 0] = 0.5  # not mirrored at -1: not even in fy
+  with pytest.raises(ValueError, match="even"):
+    B.split_bands_separable(_random_latent((1, 8, 8, 2)), mult)
+  with pytest.raises(ValueError, match="grid"):
+    B.split_bands_separable(_random_latent((1, 8, 6, 2)), np.ones((2, 8, 8)))
 
 
 def test_default_split_is_lowpass():
@@ -181,7 +218,7 @@ def test_operator_real_symmetric_and_sums_to_identity(split):
 
 def test_split_first_band_and_grid_check():
   z = _random_latent((2, 8, 8, 3))
-  for method in ["fft", "matmul"]:
+  for method in ["fft", "matmul", "dense", "separable"]:
     p = B.BandProjector(8, 8, 4, method=method)
     full = np.asarray(p.split(z))
     np.testing.assert_allclose(np.asarray(p.split(z, first_band=2)), full[2:], atol=1e-6)

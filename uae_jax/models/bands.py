@@ -7,8 +7,10 @@ Two families live here (the method is described in docs/method.md):
   "lowpass"`) each P_k is the low-pass at band k's upper edge, so every band holds its own annulus;
   `"residual_bandpass"` applies the band-pass mask M_k to the residual instead (the literal reading,
   which leaks every edge transition into the last band). There is a literal `jnp.fft` reference
-  (`split_bands_fft`) and a matmul fast path (`split_bands_matmul`) that applies the same fixed real
-  operator as one einsum, plus band-limited noise injection (`inject_band_noise`).
+  (`split_bands_fft`) and two matmul fast paths that apply the same fixed real operator: a dense
+  (K, H*W, H*W) einsum (`split_bands_matmul`) and a separable real-DFT (Hartley) path
+  (`split_bands_separable`), chosen by grid size; plus band-limited noise injection
+  (`inject_band_noise`).
 * Official-code recipe (docs/method.md#official-frequency-module): orthonormal DCT-II over the
   token grid and a hard zig-zag prefix low-pass (`dct_lowpass`, `official_band_mask`).
 
@@ -167,12 +169,74 @@ def split_bands_matmul(z: jax.Array, operator) -> jax.Array:
   return bands.reshape(operator.shape[0], batch, height, width, channels)
 
 
+@functools.lru_cache(maxsize=None)
+def hartley_matrix(n: int) -> np.ndarray:
+  """Orthonormal discrete Hartley matrix cas(2 pi u y / n) / sqrt(n), float64 (n, n).
+
+  It is real, symmetric and its own inverse.
+  """
+  angle = 2.0 * np.pi * np.outer(np.arange(n), np.arange(n)) / n
+  mat = (np.cos(angle) + np.sin(angle)) / np.sqrt(n)
+  mat.setflags(write=False)
+  return mat
+
+
+def split_bands_separable(z: jax.Array, multipliers) -> jax.Array:
+  """Fast split as separable real transforms; z (B,H,W,C) -> (K,B,H,W,C) for K multipliers.
+
+  A multiplier that is even in each frequency axis (the radial G_k are: they depend on fy^2 and
+  fx^2) is diagonalised by the separable Hartley transform T = T_H (x) T_W just as by the DFT:
+  T maps cos/sin products to cos/sin products with the same eigenvalue. So band k is
+  T diag(G_k) T z with real matmuls. The W-axis transform, the mask and the W-axis inverse are
+  one (W, W) matrix per (H-frequency u, band k), so the split is three matmuls: T_H over H, a
+  batched (K*W, W) matmul per u, T_H over H again; about 2 H + 2 K (W + H) FLOPs per element
+  instead of the dense operator's 2 K H W. `multipliers` are the effective G_k
+  (`band_multipliers`). Layout: H leads during the transforms (every matmul is then a plain
+  or batched GEMM), with one transpose in and one out.
+  """
+  z = jnp.asarray(z, jnp.float32)
+  mult = np.asarray(multipliers, np.float64)
+  batch, height, width, channels = z.shape
+  num = mult.shape[0]
+  if mult.shape[1:] != (height, width):
+    raise ValueError(f"multipliers {mult.shape} do not match a {height}x{width} grid")
+  if not (np.allclose(mult, mult[:, (-np.arange(height)) % height], atol=1e-12)
+          and np.allclose(mult, mult[:, :, (-np.arange(width)) % width], atol=1e-12)):
+    raise ValueError("split_bands_separable needs multipliers even in each frequency axis")
+  tw = hartley_matrix(width)
+  th = jnp.asarray(hartley_matrix(height), jnp.float32)
+  # per_row[u] = stack_k T_W diag(G_k[u, :]) T_W: (H, K*W, W).
+  per_row = np.einsum("wv,kuv,vy->ukwy", tw, mult, tw).reshape(height, num * width, width)
+  per_row = jnp.asarray(per_row, jnp.float32)
+  x = jnp.transpose(z, (1, 2, 0, 3)).reshape(height, width * batch * channels)
+  # HIGHEST keeps float32 accuracy on TPU (default would be bf16 passes), as in the dense path.
+  spec = jnp.matmul(th, x, precision=_HIGHEST).reshape(height, width, batch * channels)
+  out = jnp.einsum("uyw,uwx->uyx", per_row, spec, precision=_HIGHEST)
+  out = jnp.matmul(th, out.reshape(height, -1), precision=_HIGHEST)
+  out = out.reshape(height, num, width, batch, channels)
+  return jnp.transpose(out, (1, 3, 0, 2, 4))
+
+
+# Grids with at most this many positions use the dense operator; larger ones the separable path.
+# The dense einsum costs 2 K (HW)^2 FLOPs per channel against about 2 (H + K (H + W)) HW for the
+# separable path, which also makes more passes over memory; see docs/speed.md for measurements.
+DENSE_MAX_POSITIONS = 64
+METHODS = ("matmul", "dense", "separable", "fft")
+
+
+def fast_path(height: int, width: int) -> str:
+  """The matmul path `method='matmul'` uses for an H x W grid: 'dense' or 'separable'."""
+  return "dense" if height * width <= DENSE_MAX_POSITIONS else "separable"
+
+
 @dataclasses.dataclass(frozen=True)
 class BandProjector:
   """Fixed K-band radial split of an H x W grid (hashable; usable as a static jit argument).
 
   `band_split` chooses the projector of each split step: "lowpass" (default, disjoint annuli) or
-  "residual_bandpass" (the literal reading); see docs/method.md#band-split.
+  "residual_bandpass" (the literal reading); see docs/method.md#band-split. `method`: "matmul"
+  (default: the faster matmul path for the grid size, `fast_path`), "dense", "separable", or
+  "fft" (the literal reference).
   """
 
   height: int
@@ -185,8 +249,8 @@ class BandProjector:
 
   def __post_init__(self):
     """Validates the arguments and freezes the edges into a tuple."""
-    if self.method not in ("matmul", "fft"):
-      raise ValueError(f"method must be 'matmul' or 'fft', got {self.method!r}")
+    if self.method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
     _check_band_split(self.band_split)
     if self.height < 1 or self.width < 1:
       raise ValueError(f"grid must be at least 1x1, got {self.height}x{self.width}")
@@ -221,7 +285,10 @@ class BandProjector:
       raise ValueError(f"first_band must be in [0, {self.num_bands}], got {first_band}")
     if self.method == "fft":
       return split_bands_fft(z, self.masks, self.band_split)[first_band:]
-    # Only the requested bands' rows of the operator are applied (e.g. noise for high bands).
+    method = fast_path(self.height, self.width) if self.method == "matmul" else self.method
+    # Only the requested bands are computed (e.g. noise for the high bands).
+    if method == "separable":
+      return split_bands_separable(z, self.multipliers[first_band:])
     return split_bands_matmul(z, self.operator[first_band:])
 
 
