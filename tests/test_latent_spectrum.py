@@ -145,7 +145,7 @@ def test_tokenizer_dispatch_by_task():
   uae = stage1.get_config("tiny,steps=2")
   assert ls.tokenizer_latent_shape(kl) == (16, 16, 4)
   assert ls.tokenizer_latent_shape(uae) == (8, 8, 64)
-  assert hasattr(ls.tokenizer_module(kl), "tokenize") and hasattr(ls.tokenizer_module(uae), "tokenize")
+  assert all(hasattr(ls.tokenizer_module(c), "tokenize") for c in (kl, uae))
   with pytest.raises(ConfigError, match="not a tokenizer"):
     ls.tokenizer_module(ml_collections.ConfigDict(dict(task="dit")))
 

@@ -264,9 +264,10 @@ def write_outputs(rep: dict, out_dir: str, title: str = "") -> dict:
   pca = [np.repeat(np.repeat(p, max(1, 64 // p.shape[0]), 0), max(1, 64 // p.shape[1]), 1)
          for p in rep["pca_rgb"]]
   grid = image_grid([pca])
-  eval_cli._write_atomic(paths["pca"], lambda f: Image.fromarray(grid).save(f, format="PNG"))  # pylint: disable=protected-access
+  write = eval_cli._write_atomic  # pylint: disable=protected-access
+  write(paths["pca"], lambda f: Image.fromarray(grid).save(f, format="PNG"))
   # The JSON last: readers look for it, and it appears only when the pictures exist.
-  eval_cli._write_atomic(paths["json"], json.dumps(dict(rep, pca_rgb=None), indent=1))  # pylint: disable=protected-access
+  write(paths["json"], json.dumps(dict(rep, pca_rgb=None), indent=1))
   return paths
 
 
@@ -325,7 +326,8 @@ def run(args) -> dict:
   rep = analyse_tokenizer(tok, params, _batches(input_cfg), args.delta, ks,
                           args.blur_skip_height, fid)
   task = config.get("task", "uae")
-  kind = f"{task}:{config.get('variant', '')}" if task == "kl_vae" else f"uae stage {config.get('stage', '')}"
+  kind = (f"{task}:{config.get('variant', '')}" if task == "kl_vae"
+          else f"uae stage {config.get('stage', '')}")
   rep.update(source={"workdir": os.path.abspath(args.workdir), "step": int(step), "kind": kind,
                      "params": "params" if args.raw else "ema"},
              data={"source": input_cfg.source, "split": input_cfg.eval_split,
