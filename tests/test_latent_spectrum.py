@@ -146,6 +146,12 @@ def test_tokenizer_dispatch_by_task():
   assert ls.tokenizer_latent_shape(kl) == (16, 16, 4)
   assert ls.tokenizer_latent_shape(uae) == (8, 8, 64)
   assert all(hasattr(ls.tokenizer_module(c), "tokenize") for c in (kl, uae))
+  # The generators' init call (generate/latents.py) on a KL-VAE gives the run's params tree.
+  x = jnp.zeros((1, 32, 32, 3))
+  gen = jax.eval_shape(lambda k: ls.tokenizer_module(kl).init({"params": k, "noise": k}, x,
+                                                              train=False), jax.random.key(0))
+  run = jax.eval_shape(lambda k: kl_task.init_state(kl, k)["params"], jax.random.key(0))
+  assert (jax.tree.structure(nn.unbox(gen["params"])) == jax.tree.structure(nn.unbox(run)))
   with pytest.raises(ConfigError, match="not a tokenizer"):
     ls.tokenizer_module(ml_collections.ConfigDict(dict(task="dit")))
 
