@@ -244,6 +244,79 @@ def torch_step_flops(step, x) -> float:
   return float(counter.get_total_flops())
 
 
+# ----------------------------------------------------------------------------- per-op profile
+def _best(fn, reps):
+  """Best wall time of fn() over `reps` calls after one warm-up call."""
+  fn()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def _jax_fwd_bwd(f, *args):
+  """A jitted forward + backward of f (cotangent: ones) on args; returns a no-arg timer call."""
+  def fb(*a):
+    out, vjp = jax.vjp(f, *a)
+    return vjp(jnp.ones_like(out))
+  g = jax.jit(fb)
+  return lambda: jax.block_until_ready(g(*args))
+
+
+def _torch_fwd_bwd(f, *args):
+  """PyTorch forward + backward of f (cotangent: ones) on leaf copies of args."""
+  leaves = [a.detach().clone().requires_grad_(True) for a in args]
+
+  def run():
+    out = f(*leaves)
+    out.backward(torch.ones_like(out))
+    for a in leaves:
+      a.grad = None
+  return run
+
+
+def op_profile(dim=768, heads=12, mlp=3072, batch=4, tokens=257, reps=5) -> list:
+  """Forward+backward time of the block's non-matmul ops in both frameworks at one shape."""
+  from uae_jax.models import layers
+  rng = np.random.default_rng(0)
+  arr = lambda *s: rng.standard_normal(s).astype(np.float32)
+  x, h = arr(batch, tokens, dim), arr(batch, tokens, mlp)
+  qkv = [arr(batch, tokens, dim) for _ in range(3)]
+  w, b = 1 + 0.1 * arr(dim), 0.1 * arr(dim)
+  ln_j = lambda a, s, c: (a - a.mean(-1, keepdims=True)) * jax.lax.rsqrt(
+      a.var(-1, keepdims=True) + 1e-12) * s + c
+  tt = lambda a: torch.from_numpy(a)
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+  split = lambda t: t.view(batch, tokens, heads, dim // heads).transpose(1, 2)
+  eager = lambda q, k, v: (torch.softmax(split(q) @ split(k).transpose(-1, -2) * (dim // heads)**-0.5,
+                                         -1) @ split(v))
+  cases = [
+      ("matmul D->MLP (reference)", _jax_fwd_bwd(lambda a, m: a @ m, x, arr(dim, mlp)),
+       _torch_fwd_bwd(lambda a, m: a @ m, tt(x), tt(arr(dim, mlp)))),
+      ("GELU exact (B,N,MLP)", _jax_fwd_bwd(lambda a: jax.nn.gelu(a, approximate=False), h),
+       _torch_fwd_bwd(torch.nn.functional.gelu, tt(h))),
+      ("LayerNorm (B,N,D)", _jax_fwd_bwd(ln_j, x, w, b),
+       _torch_fwd_bwd(lambda a, s, c: torch.nn.functional.layer_norm(a, (dim,), s, c, 1e-12),
+                      tt(x), tt(w), tt(b))),
+  ]
+  for impl in ("einsum", "xla"):
+    cases.append((f"attention ours={impl} / torch=" + ("eager" if impl == "einsum" else "sdpa"),
+                  _jax_fwd_bwd(lambda q, k, v, i=impl: layers.multi_head_attention(q, k, v, heads, i),
+                               *qkv),
+                  _torch_fwd_bwd(eager if impl == "einsum" else
+                                 (lambda q, k, v: sdpa(split(q), split(k), split(v))),
+                                 *map(tt, qkv))))
+  rows = []
+  for name, fj, ft in cases:
+    tj, tt_ = _best(fj, reps), _best(ft, reps)
+    rows.append(dict(op=name, jax_ms=tj * 1e3, torch_ms=tt_ * 1e3))
+    print(f"  {name:42s} ours {tj * 1e3:8.2f} ms | PyTorch {tt_ * 1e3:8.2f} ms | ours/PyTorch "
+          f"time {tj / tt_:.2f} | {_load()}", flush=True)
+  return rows
+
+
 # --------------------------------------------------------------------------------------- timing
 def _load() -> str:
   """The 1-minute load average and the core count, for every timing line."""
@@ -307,7 +380,13 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--attention", default=None, help="our attention implementation (None: default)")
   p.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
+  p.add_argument("--ops", action="store_true",
+                 help="only the per-op profile (GELU, LayerNorm, attention) at the B decoder shape")
   a = p.parse_args(argv)
+  if a.ops:
+    print(f"forward+backward, best of 5, decoder B shape (4, 257, 768), {_load()}:")
+    print("RESULT " + json.dumps({"benchmark": "vs_torch_ops", "ops": op_profile()}))
+    return
   torch.manual_seed(0)
   peaks = {"jax": matmul_peak(), "torch": torch_matmul_peak()}
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "

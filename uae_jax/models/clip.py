@@ -97,10 +97,11 @@ def patch_embed(x, dim: int, patch_size: int, use_bias: bool, dtype, param_dtype
 
 
 def run_blocks(x, spec: VitSize, *, scan: bool, remat_policy: Optional[str], collect: bool,
-               ln_eps: float, activation: str, dtype, param_dtype):
+               ln_eps: float, activation: str, dtype, param_dtype,
+               attention: Optional[str] = None):
   """The transformer blocks (`blocks_{i}`, or one scanned `blocks`); returns (x, block outputs)."""
   kw = dict(dim=spec.dim, num_heads=spec.heads, mlp_hidden=spec.mlp_hidden, ln_eps=ln_eps,
-            activation=activation, dtype=dtype, param_dtype=param_dtype)
+            activation=activation, attention=attention, dtype=dtype, param_dtype=param_dtype)
   if scan:
     return layers.scanned_blocks(x, spec.depth, remat_policy, collect=collect, **kw)
   block = layers.block_class(remat_policy)
@@ -124,6 +125,7 @@ class Clip(nn.Module):
   std: tuple = CLIP_STD
   remat_policy: Optional[str] = None
   scan_blocks: bool = False
+  attention: Optional[str] = None   # attention implementation (layers.ATTENTION_IMPLEMENTATIONS)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -152,7 +154,7 @@ class Clip(nn.Module):
     x = layers.layer_norm(self.ln_eps, "pre_norm", self.dtype, self.param_dtype)(x)
     x, outs = run_blocks(x, spec, scan=self.scan_blocks, remat_policy=self.remat_policy,
                          collect=return_blocks, ln_eps=self.ln_eps, activation="quick_gelu",
-                         dtype=self.dtype, param_dtype=self.param_dtype)
+                         dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
     grid = x[:, 1:].reshape(b, gh, gw, dim)
     out = (grid,)
     if return_blocks:

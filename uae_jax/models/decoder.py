@@ -113,6 +113,7 @@ class PixelDecoder(nn.Module):
   std: tuple = IMAGENET_STD
   remat_policy: Optional[str] = None
   scan_blocks: bool = False        # one nn.scan over stacked `blocks` params (see scan_utils)
+  attention: Optional[str] = None  # attention implementation (layers.ATTENTION_IMPLEMENTATIONS)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -128,6 +129,7 @@ class PixelDecoder(nn.Module):
     spec = self.spec
     b, gh, gw, _ = z.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    blk = dict(ln_eps=self.ln_eps, attention=self.attention, **kw)
     x = layers.dense(spec.dim, (None, layers.EMBED), "embed", **kw)(
         z.reshape(b, gh * gw, -1).astype(self.dtype))
     cls = self.param("cls_token", nn.with_logical_partitioning(
@@ -136,13 +138,11 @@ class PixelDecoder(nn.Module):
     x = x + jnp.asarray(sincos_2d(spec.dim, gh, gw), self.dtype)[None]
     if self.scan_blocks:
       x, _ = layers.scanned_blocks(x, spec.depth, self.remat_policy, dim=spec.dim,
-                                   num_heads=spec.heads, mlp_hidden=spec.mlp_hidden,
-                                   ln_eps=self.ln_eps, **kw)
+                                   num_heads=spec.heads, mlp_hidden=spec.mlp_hidden, **blk)
     else:
       block = layers.block_class(self.remat_policy)
       for i in range(spec.depth):
-        x = block(spec.dim, spec.heads, spec.mlp_hidden, ln_eps=self.ln_eps,
-                  name=f"blocks_{i}", **kw)(x)
+        x = block(spec.dim, spec.heads, spec.mlp_hidden, name=f"blocks_{i}", **blk)(x)
     x = layers.layer_norm(self.ln_eps, "norm", **kw)(x)
     x = layers.dense(self.patch_size**2 * 3, (layers.EMBED, None), "pred", **kw)(x)
     img = unpatchify(x[:, 1:].astype(jnp.float32), gh, gw, self.patch_size)

@@ -101,6 +101,7 @@ class DinoV2(nn.Module):
   std: tuple = IMAGENET_STD
   remat_policy: Optional[str] = None
   scan_blocks: bool = False        # one nn.scan over stacked `blocks` params (see scan_utils)
+  attention: Optional[str] = None  # attention implementation (layers.ATTENTION_IMPLEMENTATIONS)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -173,14 +174,15 @@ class DinoV2(nn.Module):
       x, outs = layers.scanned_blocks(
           x, spec.depth, self.remat_policy, collect=return_blocks, dim=dim, num_heads=spec.heads,
           mlp_hidden=spec.mlp_hidden, ln_eps=self.ln_eps, layerscale=self.layerscale_init,
-          swiglu=spec.swiglu, dtype=self.dtype, param_dtype=self.param_dtype)
+          swiglu=spec.swiglu, attention=self.attention, dtype=self.dtype,
+          param_dtype=self.param_dtype)
     else:
       block = layers.block_class(self.remat_policy)
       outs = []
       for i in range(spec.depth):
         x = block(dim, spec.heads, spec.mlp_hidden, ln_eps=self.ln_eps,
-                  layerscale=self.layerscale_init, swiglu=spec.swiglu, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+                  layerscale=self.layerscale_init, swiglu=spec.swiglu, attention=self.attention,
+                  dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
         outs.append(x)
     x = layers.layer_norm(self.ln_eps, "norm", self.dtype, self.param_dtype,
                           affine=self.final_norm_affine)(x)

@@ -7,7 +7,6 @@ axes with the rules in the config.
 """
 from typing import Any, Callable, Optional
 
-import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,6 +40,41 @@ def layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype,
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)))
 
 
+# Attention implementations: 'einsum' is the explicit two-einsum formulation (float32 softmax);
+# None / 'xla' / 'cudnn' go through `jax.nn.dot_product_attention` (None lets JAX pick: XLA on
+# CPU and TPU, cuDNN flash attention on a GPU when the shapes allow it). See docs/speed.md.
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
+
+
+def check_attention(implementation: Optional[str]) -> None:
+  """Raises ValueError unless `implementation` is one of ATTENTION_IMPLEMENTATIONS."""
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
+  """softmax(q k^T / sqrt(d)) v per head on (B, N, heads*d) projections -> (B, N, heads*d).
+
+  The heads are split by a reshape to (B, N, heads, d), the layout `dot_product_attention`
+  takes, so no (B, heads, N, d) transposes are materialised around the attention.
+  """
+  check_attention(implementation)
+  b, n, width = q.shape
+  head_dim = width // num_heads
+  split = lambda t: t.reshape(t.shape[0], t.shape[1], num_heads, head_dim)
+  q, k, v = split(q), split(k), split(v)
+  if implementation == "einsum":
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+    # Softmax in float32 even under bf16 compute, as PyTorch's eager attention does.
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  else:
+    # Logits and softmax in float32 under bf16 compute too (jax's XLA path does that itself).
+    out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5,
+                                       implementation=implementation)
+  return out.reshape(b, n, width)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate q/k/v projections and scale head_dim**-0.5."""
   dim: int
@@ -48,18 +82,13 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   out_name: str = "proj"
+  implementation: Optional[str] = None  # see ATTENTION_IMPLEMENTATIONS
 
   @nn.compact
   def __call__(self, x):
     mk = lambda n, axes: dense(self.dim, axes, n, self.dtype, self.param_dtype)
     q, k, v = (mk(n, (EMBED, HEADS))(x) for n in ("query", "key", "value"))
-    split = lambda t: einops.rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
-    q, k, v = split(q), split(k), split(v)
-    head_dim = self.dim // self.num_heads
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * head_dim**-0.5, k)
-    # Softmax in float32 even under bf16 compute, as PyTorch's eager attention does.
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = einops.rearrange(jnp.einsum("bhqk,bhkd->bhqd", probs, v), "b h n d -> b n (h d)")
+    out = multi_head_attention(q, k, v, self.num_heads, self.implementation)
     return mk(self.out_name, (HEADS, EMBED))(out)
 
 
@@ -138,12 +167,13 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   activation: Optional[str] = None  # MLP nonlinearity name (see `activation_fn`); None: GELU
+  attention: Optional[str] = None   # attention implementation (see ATTENTION_IMPLEMENTATIONS)
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layer_norm(self.ln_eps, "norm1", **kw)(x)
-    h = Attention(self.dim, self.num_heads, name="attn", **kw)(h)
+    h = Attention(self.dim, self.num_heads, name="attn", implementation=self.attention, **kw)(h)
     if self.layerscale is not None:
       h = LayerScale(self.dim, self.layerscale, self.param_dtype, name="ls1")(h)
     x = x + h

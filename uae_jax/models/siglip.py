@@ -108,6 +108,7 @@ class Siglip(nn.Module):
   std: tuple = SIGLIP_STD
   remat_policy: Optional[str] = None
   scan_blocks: bool = False
+  attention: Optional[str] = None   # attention implementation (layers.ATTENTION_IMPLEMENTATIONS)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -131,7 +132,8 @@ class Siglip(nn.Module):
     x = x.reshape(b, gh * gw, dim) + patch_pos[None].astype(self.dtype)
     x, outs = vit.run_blocks(x, spec, scan=self.scan_blocks, remat_policy=self.remat_policy,
                              collect=return_blocks, ln_eps=self.ln_eps, activation="gelu_tanh",
-                             dtype=self.dtype, param_dtype=self.param_dtype)
+                             dtype=self.dtype, param_dtype=self.param_dtype,
+                             attention=self.attention)
     x = layers.layer_norm(self.ln_eps, "norm", self.dtype, self.param_dtype,
                           affine=self.final_norm_affine)(x)
     out = (x.reshape(b, gh, gw, dim),)
