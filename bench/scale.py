@@ -24,6 +24,15 @@ CPU caveats: XLA:CPU schedules, fuses and assigns buffers differently from XLA:T
 bytes are indicative (the ratios between levers are the useful part), and HloCostAnalysis counts
 a while-loop body once, so FLOPs of `scan_blocks` variants are undercounted (use unscanned ones).
 Prints one `CASE {json}` line per case and a final `RESULT {json}` line with all of them.
+
+Roofline (`--roofline`): compiles the full-size tokenizer stage-3 step and the DiT^DH-XL
+flow-matching step (which encodes its images with the frozen UAE inside the step) on one fake
+device, walks every top-level instruction of the optimised HLO (FLOPs of each dot and
+convolution from its shapes, bytes from its operand and result shapes), and places each on the
+roofline of TPU v5p / v5e / v6e (published bf16 peak FLOP/s and HBM bandwidth, `TPUS`): the
+step's arithmetic intensity, the ridge point of each chip, which operation classes fall below it
+and the roofline-bound step time and MFU. XLA:CPU fuses differently from XLA:TPU, so the bytes
+are an upper bound on what TPU fusion leaves; docs/scaling.md has the numbers and caveats.
 """
 import argparse
 import json
@@ -32,6 +41,8 @@ import re
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,6 +85,114 @@ def count_collectives(hlo_text: str) -> dict:
       nbytes /= 2  # async start tuples hold (operands, results): count the results only
     out[m.group("op")]["count"] += 1
     out[m.group("op")]["bytes"] += nbytes
+  return out
+
+
+# Published per-chip peaks (Google Cloud TPU system-architecture pages): dense bf16 FLOP/s and
+# HBM bytes/s. The ridge point peak / bandwidth is the arithmetic intensity (FLOP per byte) an
+# operation needs to be compute-bound.
+TPUS = {"v5p": (459e12, 2765e9), "v5e": (197e12, 819e9), "v6e": (918e12, 1640e9)}
+_HLO_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|[a-z0-9]+\[[0-9,]*\])(?:\{[^}]*\})? "
+                      r"([\w\-]+)\((.*?)\)(.*)$")
+_SKIP = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all"}
+
+
+def _parse_hlo(hlo_text: str):
+  """{computation: [(name, shape, op, operands, attrs)]} and {name: shape} of an HLO module."""
+  comps, shapes, current = {}, {}, None
+  for line in hlo_text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$", line)
+    if head:
+      current = "ENTRY" if line.startswith("ENTRY") else head.group(1)
+      comps[current] = []
+      continue
+    m = _HLO_DEF.match(line)
+    if m and current:
+      name, shape, op, args, attrs = m.groups()
+      operands = re.findall(r"%([\w.\-]+)", args)
+      comps[current].append((name, shape, op, operands, attrs))
+      shapes[name] = shape
+  return comps, shapes
+
+
+def _elements(shape: str) -> int:
+  """Element count of an array shape string (first array of a tuple)."""
+  m = _ARRAY.search(shape)
+  return int(np.prod([int(d) for d in m.group(2).split(",") if d])) if m else 0
+
+
+def _dims(shape: str) -> list:
+  """Dimensions of an array shape string."""
+  return [int(d) for d in _ARRAY.search(shape).group(2).split(",") if d]
+
+
+def _matmul_flops(inst, shapes) -> float:
+  """2 * output elements * contracted size of a dot or convolution instruction."""
+  _, shape, op, operands, attrs = inst
+  if op == "dot":
+    lhs = _dims(shapes[operands[0]])
+    contract = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs).group(1)
+    k = int(np.prod([lhs[int(i)] for i in contract.split(",") if i]))
+    return 2.0 * _elements(shape) * k
+  kernel = _dims(shapes[operands[1]])  # convolution: kernel spatial x input features
+  out_features = _dims(shape)[-1] if "->b01f" in attrs else kernel[-1]
+  return 2.0 * _elements(shape) * int(np.prod(kernel)) / max(out_features, 1)
+
+
+def hlo_op_costs(hlo_text: str) -> list:
+  """Per top-level instruction: {'kind', 'flops', 'bytes'} from the compiled HLO text.
+
+  kind: 'matmul' (dot / convolution, fused or not), 'layout' (transpose / copy), 'reduce'
+  (norms, softmax, loss, optimizer norms), 'elementwise'. Bytes: result + operands (what a
+  non-fused kernel reads and writes); elementwise FLOPs: result elements x body instructions.
+  """
+  comps, shapes = _parse_hlo(hlo_text)
+  rows = []
+  for inst in comps.get("ENTRY", []):
+    name, shape, op, operands, attrs = inst
+    if op in _SKIP or op == "while":
+      continue
+    body = [inst]
+    if op == "fusion":
+      body = comps.get(re.search(r"calls=%?([\w.\-]+)", attrs).group(1), [])
+    ops = {b[2] for b in body}
+    mm = [b for b in body if b[2] in ("dot", "convolution")]
+    nbytes = _shape_bytes(shape) + sum(_shape_bytes(shapes.get(o, "")) for o in operands)
+    if mm:
+      kind, flops = "matmul", sum(_matmul_flops(b, shapes) for b in mm)
+    else:
+      kind = ("reduce" if "reduce" in ops else "layout" if ops & {"transpose", "copy"}
+              else "elementwise")
+      flops = float(_elements(shape) * max(1, len([b for b in body if b[2] not in _SKIP])))
+    rows.append({"kind": kind, "flops": flops, "bytes": nbytes})
+  return rows
+
+
+def roofline(rows: list, batch: int) -> dict:
+  """Per TPU: step intensity, ridge, roofline time and MFU bound, and per-kind breakdown."""
+  flops = sum(r["flops"] for r in rows)
+  nbytes = sum(r["bytes"] for r in rows)
+  out = {"per_device_batch": batch, "gflop": flops / 1e9, "gbytes": nbytes / 1e9,
+         "intensity": flops / max(nbytes, 1), "tpus": {}}
+  for chip, (peak, bw) in TPUS.items():
+    ridge = peak / bw
+    kinds = {}
+    for r in rows:
+      k = kinds.setdefault(r["kind"], {"count": 0, "gflop": 0.0, "gbytes": 0.0, "time_s": 0.0,
+                                        "below_ridge": 0, "time_below_s": 0.0})
+      t = max(r["flops"] / peak, r["bytes"] / bw)
+      below = r["flops"] < ridge * r["bytes"]
+      k["count"] += 1
+      k["gflop"] += r["flops"] / 1e9
+      k["gbytes"] += r["bytes"] / 1e9
+      k["time_s"] += t
+      k["below_ridge"] += int(below)
+      k["time_below_s"] += t if below else 0.0
+    total = sum(k["time_s"] for k in kinds.values())
+    mm = kinds.get("matmul", {}).get("gflop", 0.0) * 1e9
+    out["tpus"][chip] = {"ridge": ridge, "roofline_step_s": total,
+                         "mfu_bound": mm / peak / max(total, 1e-12),
+                         "images_per_s_bound": batch / max(total, 1e-12), "kinds": kinds}
   return out
 
 
@@ -226,7 +345,53 @@ def measure(n_devices: int, data: int, fsdp: int, variant: str, stage: int,
       "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
       "lower_s": round(t_lower, 2), "compile_s": round(t_compile, 2),
       "collectives": count_collectives(hlo), "hlo_chars": len(hlo),
+      "roofline": roofline(hlo_op_costs(hlo), per_device_batch),
   }
+
+
+def measure_dit(n_devices: int, data: int, fsdp: int, per_device_batch: int,
+                config_name: str = "dit_xl") -> dict:
+  """Lowers and compiles the full-size DiT train step (tokenizer encode inside) on fake devices."""
+  import importlib
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from uae_jax import sharding as sharding_lib
+  from uae_jax.generate import latents
+  from uae_jax.tasks import dit as dit_task
+
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  config.input.global_batch_size = gb = per_device_batch * n_devices
+  mesh = sharding_lib.make_mesh(config.mesh)
+  batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  boxed = jax.eval_shape(lambda k: dit_task.init_state(config, k), jax.random.key(0))
+  state_sh = sharding_lib.logical_shardings(boxed, mesh, config.sharding_rules)
+  sds = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+  state = jax.tree.map(sds, nn.unbox(boxed), state_sh)
+  uae_cfg = latents.tokenizer_config(config)
+  tok = jax.tree.map(lambda a: sds(a, repl), latents.abstract_tokenizer_params(uae_cfg))
+  stat = jax.ShapeDtypeStruct(latents.latent_shape(uae_cfg), jnp.float32, sharding=repl)
+  frozen = {"tokenizer": tok, "stats": {"mean": stat, "std": stat}}
+  size = config.input.image_size
+  batch = {"image": jax.ShapeDtypeStruct((gb, size, size, 3), jnp.float32, sharding=batch_sh),
+           "label": jax.ShapeDtypeStruct((gb,), jnp.int32, sharding=batch_sh)}
+  step = jax.jit(dit_task.make_train_step(config), in_shardings=(state_sh, batch_sh, None),
+                 out_shardings=(state_sh, None), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, frozen).compile()
+  t_compile = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  hlo = compiled.as_text()
+  n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state["params"])))
+  return {"task": config_name, "devices": n_devices, "mesh": {"data": data, "fsdp": fsdp},
+          "variant": "base", "global_batch": gb, "per_device_batch": per_device_batch,
+          "params": n_params, "flops": float(cost.get("flops", -1.0)),
+          "bytes_accessed": float(cost.get("bytes accessed", -1.0)),
+          "compile_s": round(t_compile, 2), "collectives": count_collectives(hlo),
+          "roofline": roofline(hlo_op_costs(hlo), per_device_batch)}
 
 
 def _child(args):
@@ -234,21 +399,25 @@ def _child(args):
   from absl import flags
   flags.FLAGS.mark_as_parsed()
   sys.path.insert(0, REPO)
-  r = measure(args.devices, args.data, args.fsdp, args.variant, args.stage,
-              args.per_device_batch, args.diffaug_fix)
+  if args.task != "uae":
+    r = measure_dit(args.devices, args.data, args.fsdp, args.per_device_batch, args.task)
+  else:
+    r = measure(args.devices, args.data, args.fsdp, args.variant, args.stage,
+                args.per_device_batch, args.diffaug_fix)
   print("RESULT " + json.dumps(r), flush=True)
 
 
 def run_case(n: int, data: int, fsdp: int, variant: str, stage: int, per_device_batch: int,
-             timeout: float, diffaug_fix: bool = False) -> dict:
+             timeout: float, diffaug_fix: bool = False, task: str = "uae") -> dict:
   """One case in a subprocess with N fake CPU devices; the parsed result or an error record."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
   cmd = [sys.executable, "-m", "bench.scale", "--child", "--devices", str(n), "--data", str(data),
          "--fsdp", str(fsdp), "--variant", variant, "--stage", str(stage),
-         "--per-device-batch", str(per_device_batch)] + (["--diffaug-fix"] if diffaug_fix else [])
+         "--per-device-batch", str(per_device_batch), "--task", task] + (
+             ["--diffaug-fix"] if diffaug_fix else [])
   case = {"devices": n, "mesh": {"data": data, "fsdp": fsdp}, "variant": variant,
-          "diffaug_fix": diffaug_fix}
+          "diffaug_fix": diffaug_fix, "task": task}
   t0 = time.perf_counter()
   try:
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -291,6 +460,45 @@ def markdown(results: list) -> str:
   return "\n".join(rows)
 
 
+def roofline_markdown(results: list) -> str:
+  """The roofline cases as markdown: per chip, step intensity and per-kind time below ridge."""
+  lines = ["| step | chip | ridge FLOP/B | step GFLOP | step GB | intensity FLOP/B | roofline "
+           "step ms | MFU bound | matmul time % | below-ridge time % (kinds) |",
+           "|" + "---|" * 10]
+  for r in results:
+    if "error" in r:
+      lines.append(f"| {r.get('task', 'uae')} | error: {r['error'][:80]} |")
+      continue
+    rl = r["roofline"]
+    name = f"{r.get('task', 'uae stage ' + str(r.get('stage')))} (batch {r['per_device_batch']})"
+    for chip, t in rl["tpus"].items():
+      kinds, total = t["kinds"], t["roofline_step_s"]
+      below = sum(k["time_below_s"] for k in kinds.values())
+      which = ", ".join(f"{n} {100 * k['time_below_s'] / total:.0f}%" for n, k in kinds.items()
+                        if k["time_below_s"] > 0.005 * total)
+      mm = kinds.get("matmul", {}).get("time_s", 0.0)
+      lines.append(f"| {name} | {chip} | {t['ridge']:.0f} | {rl['gflop']:.0f} | {rl['gbytes']:.1f} "
+                   f"| {rl['intensity']:.1f} | {1e3 * total:.1f} | {100 * t['mfu_bound']:.0f}% | "
+                   f"{100 * mm / total:.0f}% | {100 * below / total:.0f}% ({which}) |")
+  return "\n".join(lines)
+
+
+def roofline_main(args) -> int:
+  """Tokenizer stage 3 and DiT^DH-XL on one fake device; prints the roofline table and RESULT."""
+  results = []
+  for task, batch in (("uae", args.per_device_batch), ("dit_xl", args.dit_batch)):
+    print(f"[scale] roofline: {task}, per-device batch {batch} ...", flush=True)
+    r = run_case(1, 1, 1, "base", args.stage, batch, args.timeout, task=task)
+    results.append(r)
+    print("CASE " + json.dumps(r), flush=True)
+  print(roofline_markdown(results), flush=True)
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(results, fh, indent=1)
+  print("RESULT " + json.dumps({"benchmark": "scale_roofline", "cases": results}), flush=True)
+  return 0
+
+
 def main(argv=None):
   """Parent: runs every case in its own subprocess and prints the table and RESULT lines."""
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,15 +516,22 @@ def main(argv=None):
   p.add_argument("--json", default="", help="write all results to this file")
   p.add_argument("--diffaug-fix", action="store_true",
                  help="measure with the proposed partitionable DiffAug translation (see docs)")
+  p.add_argument("--roofline", action="store_true",
+                 help="only the TPU roofline of the tokenizer stage-3 and DiT^DH-XL steps (1 device)")
+  p.add_argument("--dit-batch", type=int, default=4,
+                 help="per-device batch of the DiT roofline case (1024 global / 256 chips = 4)")
   # Child mode (internal).
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
   p.add_argument("--data", type=int, default=1, help=argparse.SUPPRESS)
   p.add_argument("--fsdp", type=int, default=1, help=argparse.SUPPRESS)
   p.add_argument("--variant", default="base", help=argparse.SUPPRESS)
+  p.add_argument("--task", default="uae", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     return _child(args)
+  if args.roofline:
+    return roofline_main(args)
 
   cases = []
   if args.only:

@@ -96,3 +96,21 @@ def test_loss_grads_and_step_match_pytorch(tiny_pair, photo_batch):
     moved, moved_ref = _leaf(new_dec, path) - before[path], w.detach().numpy().T - before[path]
     assert big.mean() > 0.1 and np.abs(moved_ref[big]).min() > 0.5 * vs_torch.LR
     np.testing.assert_allclose(moved[big], moved_ref[big], atol=1e-6, rtol=0, err_msg=str(path))
+
+
+def test_attention_implementations_agree():
+  """Every CPU-available attention implementation equals a float64 numpy softmax attention."""
+  from uae_jax.models import layers
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((2, 9, 32)).astype(np.float32) for _ in range(3))
+  split = lambda t: t.astype(np.float64).reshape(2, 9, 4, 8).transpose(0, 2, 1, 3)
+  logits = split(q) @ split(k).transpose(0, 1, 3, 2) / np.sqrt(8)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ref = (probs @ split(v)).transpose(0, 2, 1, 3).reshape(2, 9, 32)
+  for impl in (None, "xla", "einsum"):
+    with jax.default_matmul_precision("highest"):
+      out = np.asarray(layers.multi_head_attention(q, k, v, 4, impl))
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=str(impl))
+  with pytest.raises(ValueError, match="attention="):
+    layers.multi_head_attention(q, k, v, 4, "splash")
