@@ -158,7 +158,12 @@ def test_adaptive_weight_formula_cap_and_no_gradient():
   np.testing.assert_array_equal(grad, 0.0)
 
 
+@pytest.mark.parametrize("step,d_on,g_on", [(0, False, False), (59, False, False),
+                                            (60, True, False), (79, True, False),
+                                            (80, True, True), (159, True, True)])
 def test_schedule_switches_at_6_and_8_sixteenths(step, d_on, g_on):
+  # The host-side phase the trainer compiles for agrees with the traced schedule.
+  assert gan.gan_phase(step, 160) == (d_on, g_on)
   d, g = gan.gan_schedule_weights(step, 160)
   assert (bool(d), bool(g)) == (d_on, g_on)
   assert d.dtype == jnp.bool_ and g.dtype == jnp.bool_
