@@ -29,6 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V5P_PEAK = 459e12
 
 
+def _load() -> list:
+  """1/5/15-minute load averages (timings on a shared machine are only as good as these)."""
+  return [round(x, 2) for x in os.getloadavg()]
+
+
 def _config(size: str, head: str, grid: int, channels: int, batch: int, steps: int = 100):
   """A DiT task config for synthetic-latent benchmarking (no tokenizer is read)."""
   sys.path.insert(0, REPO)
@@ -87,7 +92,7 @@ def measure_train(name: str, config, steps: int, peak: float) -> dict:
   return dict(row=name, size=m.size, head=m.head_size, latent=[m.input_size, m.input_size,
               m.in_channels], batch=b, compile_s=round(compile_s, 1), step_s=round(dt, 4),
               images_per_s=round(b / dt, 1), gflops_per_step=round(flops / 1e9, 2),
-              fraction_of_peak=round(flops / dt / peak, 3))
+              fraction_of_peak=round(flops / dt / peak, 3), loadavg=_load())
 
 
 def measure_sampling(config, batch: int, num_points: int = 50, scale: float = 1.5) -> dict:
@@ -110,7 +115,7 @@ def measure_sampling(config, batch: int, num_points: int = 50, scale: float = 1.
   fn(params, None, noise, labels, jax.random.key(2)).block_until_ready()
   dt = time.perf_counter() - t0
   return dict(row="sample_euler50_cfg", size=m.size, batch=batch, nfe=2 * (num_points - 1),
-              seconds=round(dt, 2), images_per_s=round(batch / dt, 2))
+              seconds=round(dt, 2), images_per_s=round(batch / dt, 2), loadavg=_load())
 
 
 def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16") -> dict:
@@ -142,7 +147,7 @@ def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16
                     for s in jax.tree.leaves(state_abs))
   out = dict(row="xl_compiled", devices=n_devices, global_batch=b, compute_dtype=dtype,
              compile_s=round(compile_s, 1), tflops_per_device=round(flops / 1e12, 3),
-             state_gib_per_device=round(state_bytes / 2**30, 3))
+             state_gib_per_device=round(state_bytes / 2**30, 3), loadavg=_load())
   for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
     out[k.replace("_size_in_bytes", "_gib")] = round(getattr(mem, k, 0) / 2**30, 3)
   for mfu in (0.5, 0.3):

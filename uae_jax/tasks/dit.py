@@ -11,7 +11,9 @@ The train state is a plain dict pytree:
 The step's frozen inputs are {'tokenizer': UAE EMA params, 'stats': latent mean/std}: the step
 encodes each image batch on the fly with the UAE in eval mode (after a random horizontal flip),
 normalises the latent per element and takes one flow-matching step on it (docs/generation.md
-says why on the fly rather than precomputed latents).
+says why on the fly rather than precomputed latents). Which latent (the tokenizer's own, band 0
+only, or the progressive DCT schedule) is `config.latent` (uae_jax/generate/views.py); the
+start-of-run weights may come from an official DiT^DH checkpoint (`init.dit`).
 """
 import flax.linen as nn
 import jax
