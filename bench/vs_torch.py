@@ -3,6 +3,7 @@
     python -m bench.vs_torch                       # (enc B, dec B, batch 4), (enc B, dec XL, batch 2)
     python -m bench.vs_torch --shapes B:B:4 --steps 3 --rounds 2
     python -m bench.vs_torch --attention xla       # our attention implementation (see docs/speed.md)
+    python -m bench.vs_torch --shapes B:XL/7:2     # XL width, heads and MLP with 7 of its 28 blocks
 
 The PyTorch side is built from `transformers` classes, as the official UAE code is:
 `Dinov2WithRegistersModel` for the frozen encoder (its final LayerNorm set to the identity affine,
@@ -16,12 +17,14 @@ sides; PyTorch attention uses SDPA (its default fast path) unless `--torch_atten
 
 Timing: `--rounds` rounds, each timing `--steps` of ours then `--steps` of PyTorch after warm-up,
 so a change in machine load hits both sides alike; every round prints its own ratio and the load
-average. FLOPs per step are counted two ways: XLA's cost analysis of our compiled step (all HLO
+average. Shapes whose decoder is in `--sequential` (default XL: ~7 GB of weights, gradients and
+AdamW state per side) keep only one side in memory at a time and rebuild each side per round. FLOPs per step are counted two ways: XLA's cost analysis of our compiled step (all HLO
 FLOPs), and PyTorch's `FlopCounterMode` on its step (matmuls, convolutions and attention only);
 achieved FLOP/s uses the matmul count for both sides (same work) and is compared with the float32
 matmul peak each framework reaches on a 2048^3 product on this machine.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -55,10 +58,19 @@ _MAE_RENAME = (("attention.attention.query", "attention.q_proj"),
 
 
 # ------------------------------------------------------------------------------------------ ours
+def decoder_spec(name: str) -> decoder_lib.DecoderSize:
+  """A decoder size name, or 'NAME/D': that size's width, heads and MLP with only D blocks."""
+  base, _, depth = name.partition("/")
+  spec = decoder_lib.SIZES[base]
+  return dataclasses.replace(spec, depth=int(depth)) if depth else spec
+
+
 def jax_model(enc_size: str, dec_size: str, attention=None) -> uae_lib.OfficialUAE:
   """Our DINOv2-with-registers encoder + pixel decoder (no band path), as in stage 1."""
   enc = dict(encoders.DEFAULTS["dinov2"], size=enc_size)
-  dec = dict(size=dec_size, patch_size=16)
+  d = decoder_spec(dec_size)
+  dec = dict(size="custom", dim=d.dim, depth=d.depth, num_heads=d.heads, mlp_hidden=d.mlp_hidden,
+             patch_size=16)
   if attention is not None:
     enc["attention"], dec["attention"] = attention, attention
   return uae_lib.OfficialUAE(encoder=enc, decoder=dec)
@@ -154,7 +166,7 @@ class TorchUAE(torch.nn.Module):
   def __init__(self, enc_size, dec_size, attn="sdpa", input_size=224):
     super().__init__()
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-    e, d = dinov2_lib.SIZES[enc_size], decoder_lib.SIZES[dec_size]
+    e, d = dinov2_lib.SIZES[enc_size], decoder_spec(dec_size)
     cfg = Dinov2WithRegistersConfig(
         hidden_size=e.dim, num_hidden_layers=e.depth, num_attention_heads=e.heads,
         mlp_ratio=e.mlp_hidden // e.dim, image_size=518, patch_size=14, num_register_tokens=4,
@@ -323,50 +335,110 @@ def _load() -> str:
   return f"load {os.getloadavg()[0]:.2f}/{os.cpu_count()} cores"
 
 
-def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn, peaks) -> dict:
-  """Times both steps at one shape; prints per-round lines; returns the summary row."""
+class JaxSide:
+  """Our step at one shape: built from numpy params, timed with `run(steps)`, freed by `close`."""
+
+  def __init__(self, model, params, x_np):
+    self.step, self.tx = jax_step_fn(model)  # jit caches the executable across rebuilds
+    self.enc = jax.device_put(params["encoder"])
+    self.dec = jax.device_put(params["decoder"])
+    self.opt = self.tx.init(self.dec)
+    self.x = jnp.asarray(x_np)
+
+  def compile(self):
+    """(compile seconds, XLA FLOPs of the step)."""
+    t0 = time.perf_counter()
+    compiled = self.step.lower(self.dec, self.opt, self.enc, self.x).compile()
+    return time.perf_counter() - t0, float(compiled_cost(compiled).get("flops", 0.0))
+
+  def run(self, steps: int) -> float:
+    """Seconds per step over `steps` steps."""
+    t = time.perf_counter()
+    for _ in range(steps):
+      self.dec, self.opt, loss = self.step(self.dec, self.opt, self.enc, self.x)
+    jax.block_until_ready(loss)
+    return (time.perf_counter() - t) / max(steps, 1)
+
+  def close(self):
+    """Drops the arrays (the compiled step stays in jit's cache)."""
+    del self.dec, self.opt, self.enc, self.x
+
+
+class TorchSide:
+  """The PyTorch step at one shape, same interface as JaxSide."""
+
+  def __init__(self, params, enc_size, dec_size, attn, x_np):
+    self.model = torch_from_params(params, enc_size, dec_size, attn)
+    self.step = torch_step_fn(self.model)
+    self.x = torch.from_numpy(x_np)
+
+  def flops(self) -> float:
+    """Matmul FLOPs of one step (runs one step)."""
+    return torch_step_flops(self.step, self.x)
+
+  def run(self, steps: int) -> float:
+    """Seconds per step over `steps` steps."""
+    t = time.perf_counter()
+    for _ in range(steps):
+      self.step(self.x)
+    return (time.perf_counter() - t) / max(steps, 1)
+
+  def close(self):
+    """Drops the model and its optimiser state."""
+    del self.model, self.step
+
+
+def _round_line(r, batch, t_jax, t_torch):
+  """One printed round and its record."""
+  print(f"  round {r}: ours {t_jax:6.2f} s/step ({batch / t_jax:5.2f} img/s) | PyTorch "
+        f"{t_torch:6.2f} s/step ({batch / t_torch:5.2f} img/s) | ours/PyTorch img/s "
+        f"{t_torch / t_jax:.3f} | {_load()}", flush=True)
+  return dict(jax_s=t_jax, torch_s=t_torch, ratio=t_torch / t_jax, load=os.getloadavg()[0])
+
+
+def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn, peaks,
+                sequential: bool = False) -> dict:
+  """Times both steps at one shape; prints per-round lines; returns the summary row.
+
+  `sequential`: only one side's weights and optimiser state exist at a time (each round
+  rebuilds both sides from the same numpy weights), for shapes whose two states together do
+  not fit in memory (decoder XL: about 7 GB per side).
+  """
   size = 256
   model = jax_model(enc_size, dec_size, attention)
   params = jax_params(model, size)
-  tmodel = torch_from_params(params, enc_size, dec_size, torch_attn)
   x_np = np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32)
-  x, xt = jnp.asarray(x_np), torch.from_numpy(x_np)
-  step, tx = jax_step_fn(model)
-  enc, dec = jax.device_put(params["encoder"]), jax.device_put(params["decoder"])
-  del params
-  opt = tx.init(dec)
-  t0 = time.perf_counter()
-  compiled = step.lower(dec, opt, enc, x).compile()
-  compile_s = time.perf_counter() - t0
-  xla_flops = float(compiled_cost(compiled).get("flops", 0.0))
-  tstep = torch_step_fn(tmodel)
-  mm_flops = torch_step_flops(tstep, xt)  # also the PyTorch warm-up step
-  dec, opt, loss = step(dec, opt, enc, x)  # warm-up
-  jax.block_until_ready(loss)
-  tstep(xt)
+  make_j = lambda: JaxSide(model, params, x_np)
+  make_t = lambda: TorchSide(params, enc_size, dec_size, torch_attn, x_np)
+  js = make_j()
+  compile_s, xla_flops = js.compile()
+  js.run(1)  # warm-up
+  if sequential:
+    js.close()
+  ts = make_t()
+  mm_flops = ts.flops()  # also the PyTorch warm-up step
   rows = []
   for r in range(rounds):
-    t = time.perf_counter()
-    for _ in range(steps):
-      dec, opt, loss = step(dec, opt, enc, x)
-    jax.block_until_ready(loss)
-    t_jax = (time.perf_counter() - t) / steps
-    t = time.perf_counter()
-    for _ in range(steps):
-      tstep(xt)
-    t_torch = (time.perf_counter() - t) / steps
-    rows.append(dict(jax_s=t_jax, torch_s=t_torch, ratio=t_torch / t_jax, load=os.getloadavg()[0]))
-    print(f"  round {r}: ours {t_jax:6.2f} s/step ({batch / t_jax:5.2f} img/s) | PyTorch "
-          f"{t_torch:6.2f} s/step ({batch / t_torch:5.2f} img/s) | ours/PyTorch img/s "
-          f"{t_torch / t_jax:.3f} | {_load()}", flush=True)
+    if sequential:
+      ts.close()
+      js = make_j()
+      js.run(1)
+    t_jax = js.run(steps)
+    if sequential:
+      js.close()
+      ts = make_t()
+      ts.run(1)
+    rows.append(_round_line(r, batch, t_jax, ts.run(steps)))
+  ts.close()
+  if not sequential:
+    js.close()
+  gc.collect()
   t_jax = statistics.median(r["jax_s"] for r in rows)
   t_torch = statistics.median(r["torch_s"] for r in rows)
-  del step, compiled, dec, opt, enc, tmodel, tstep
-  gc.collect()
   return dict(encoder=enc_size, decoder=dec_size, batch=batch, image=size, steps=steps,
-              rounds=rows, compile_s=round(compile_s, 1), xla_gflop=xla_flops / 1e9,
-              matmul_gflop=mm_flops / 1e9, jax_img_s=batch / t_jax, torch_img_s=batch / t_torch,
-              ratio=statistics.median(r["ratio"] for r in rows),
+              sequential=sequential, rounds=rows, compile_s=round(compile_s, 1),
+              xla_gflop=xla_flops / 1e9, matmul_gflop=mm_flops / 1e9, jax_img_s=batch / t_jax,
+              torch_img_s=batch / t_torch, ratio=statistics.median(r["ratio"] for r in rows),
               jax_frac_peak=mm_flops / t_jax / peaks["jax"],
               torch_frac_peak=mm_flops / t_torch / peaks["torch"],
               jax_gflops=mm_flops / t_jax / 1e9, torch_gflops=mm_flops / t_torch / 1e9)
@@ -380,6 +452,9 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--attention", default=None, help="our attention implementation (None: default)")
   p.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
+  p.add_argument("--sequential", default="XL",
+                 help="comma list of decoder sizes timed with one side in memory at a time "
+                      "(XL: ~7 GB per side); '' = never")
   p.add_argument("--ops", action="store_true",
                  help="only the per-op profile (GELU, LayerNorm, attention) at the B decoder shape")
   a = p.parse_args(argv)
@@ -398,8 +473,9 @@ def main(argv=None):
     enc_size, dec_size, batch = shape.split(":")
     print(f"encoder {enc_size} (frozen) + decoder {dec_size}, batch {batch}, 256 px, fp32, "
           f"L1 + AdamW:", flush=True)
+    seq = dec_size in a.sequential.split(",")
     r = bench_shape(enc_size, dec_size, int(batch), a.steps, a.rounds, a.attention,
-                    a.torch_attention, peaks)
+                    a.torch_attention, peaks, sequential=seq)
     out.append(r)
     print(f"  => ours {r['jax_img_s']:.3f} img/s, PyTorch {r['torch_img_s']:.3f} img/s, ratio "
           f"{r['ratio']:.3f} (median of rounds) | step {r['matmul_gflop']:.0f} GFLOP matmul "
