@@ -300,8 +300,8 @@ def main():
   """Runs the study and writes the table."""
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--image-size", type=int, default=16, help="16 or 32 (multiple of 16)")
-  p.add_argument("--tok-steps", type=int, default=200)
-  p.add_argument("--dit-steps", type=int, default=400)
+  p.add_argument("--tok-steps", type=int, default=150)
+  p.add_argument("--dit-steps", type=int, default=200)
   p.add_argument("--batch", type=int, default=16, help="tokenizer batch")
   p.add_argument("--dit-batch", type=int, default=32)
   p.add_argument("--lpips", type=float, default=0.0, help="LPIPS weight of every tokenizer")
