@@ -149,9 +149,9 @@ def features(images: np.ndarray) -> np.ndarray:
 class Judge:
   """A scikit-learn MLP on real train digits: class predictions and hidden-layer features."""
 
-  def __init__(self, train_images, train_labels, seed: int = 0):
+  def __init__(self, train_images, train_labels, seed: int = 0, max_iter: int = 500):
     from sklearn.neural_network import MLPClassifier  # pylint: disable=g-import-not-at-top
-    self.clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=500, random_state=seed)
+    self.clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=max_iter, random_state=seed)
     self.clf.fit(features(train_images), train_labels)
 
   def accuracy(self, images, labels) -> float:
