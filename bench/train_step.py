@@ -49,41 +49,55 @@ def make_config(name: str, stage: int, steps: int, phase: str = "full"):
   return c
 
 
-def bench_one(name: str, stage: int, steps: int, peak: float, phase: str = "full") -> dict:
-  """Compiles and times one config's train step on one device."""
-  c = make_config(name, stage, steps + 2, phase)
-  with tempfile.TemporaryDirectory() as wd:
-    tr = train.Trainer(c, wd, devices=jax.devices()[:1])
+class Case:
+  """One config's compiled train step, its state and batches, ready to be timed in rounds."""
+
+  def __init__(self, name: str, stage: int, steps: int, phase: str = "full"):
+    self.name, self.stage, self.phase, self.steps = name, stage, phase, steps
+    self.config = c = make_config(name, stage, steps + 2, phase)
+    self._wd = tempfile.TemporaryDirectory()
+    self.trainer = tr = train.Trainer(c, self._wd.name, devices=jax.devices()[:1])
     it = pipeline.make_train_iterator(c.input)
-    state, _ = tr.initial_state(it)
-    batches = []
-    for _ in range(steps + 2):
-      b = next(it)
-      batches.append(pipeline.to_global_array({"image": b["image"]}, tr.ctx.batch_sh))
-    step_fn = tr.step_fn(0)  # every step of a bench run is in the same GAN phase
+    self.state, _ = tr.initial_state(it)
+    self.batches = [pipeline.to_global_array({"image": next(it)["image"]}, tr.ctx.batch_sh)
+                    for _ in range(steps)]
+    self.step_fn = tr.step_fn(0)  # every step of a bench run is in the same GAN phase
     t = time.perf_counter()
-    compiled = step_fn.lower(state, batches[0], tr.frozen).compile()
-    compile_s = time.perf_counter() - t
-    cost = compiled_cost(compiled)
-    flops = float(cost.get("flops", 0.0))
-    for b in batches[:2]:  # warm-up
-      state, m = step_fn(state, b, tr.frozen)
-    jax.block_until_ready(m)
+    compiled = self.step_fn.lower(self.state, self.batches[0], tr.frozen).compile()
+    self.compile_s = time.perf_counter() - t
+    self.flops = float(compiled_cost(compiled).get("flops", 0.0))
+    self.times = []
+    self.time_round()  # warm-up, not kept
+    self.times = []
+
+  def time_round(self) -> float:
+    """Seconds per step over this case's batches (the state carries on between rounds)."""
     t = time.perf_counter()
-    for b in batches[2:]:
-      state, m = step_fn(state, b, tr.frozen)
+    for b in self.batches:
+      self.state, m = self.step_fn(self.state, b, self.trainer.frozen)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t) / steps
-    tr.close()
-  return dict(config=name, stage=stage, phase=phase, batch=c.input.global_batch_size, image=c.input.image_size,
-              compile_s=round(compile_s, 1), step_s=round(dt, 4), steps_per_s=round(1 / dt, 3),
-              images_per_s=round(c.input.global_batch_size / dt, 1), gflops_per_step=round(flops / 1e9, 2),
-              achieved_gflops=round(flops / dt / 1e9, 2), fraction_of_peak=round(flops / dt / peak, 3))
+    dt = (time.perf_counter() - t) / len(self.batches)
+    self.times.append(dt)
+    return dt
+
+  def row(self, peak: float) -> dict:
+    """The best round's numbers (the least disturbed by other load on the machine)."""
+    dt, c = min(self.times), self.config
+    self.trainer.close()
+    self._wd.cleanup()
+    return dict(config=self.name, stage=self.stage, phase=self.phase, batch=c.input.global_batch_size,
+                image=c.input.image_size, compile_s=round(self.compile_s, 1), step_s=round(dt, 4),
+                steps_per_s=round(1 / dt, 3), images_per_s=round(c.input.global_batch_size / dt, 1),
+                gflops_per_step=round(self.flops / 1e9, 2),
+                achieved_gflops=round(self.flops / dt / 1e9, 2),
+                fraction_of_peak=round(self.flops / dt / peak, 3),
+                rounds=[round(t, 4) for t in self.times], load_avg=round(os.getloadavg()[0], 2))
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
   p.add_argument("--configs", default="tiny,mid")
   p.add_argument("--stages", default="1,3")
   p.add_argument("--gan_phases", default="",
@@ -97,13 +111,24 @@ def main():
   cases = ([(2, "full")] + [(3, p) for p in a.gan_phases.split(",")] if a.gan_phases else
            [(int(s), "full") for s in a.stages.split(",")])
   for name in a.configs.split(","):
-    for stage, phase in cases:
-      r = bench_one(name, stage, a.steps, peak, phase)
+    # Cases are timed in interleaved rounds and the best round is kept, so a burst of other load
+    # on the machine does not land on one case only.
+    built = [Case(name, stage, a.steps, phase) for stage, phase in cases]
+    for _ in range(a.rounds):
+      for case in built:
+        case.time_round()
+    for case in built:
+      r = case.row(peak)
       rows.append(r)
-      print(f"{name:5s} stage {stage} {phase:8s}: batch {r['batch']} @ {r['image']} px | {r['steps_per_s']:.2f} steps/s "
-            f"| {r['images_per_s']:.1f} img/s | {r['gflops_per_step']:.1f} GFLOP/step | "
-            f"{r['achieved_gflops']:.1f} GFLOP/s = {100 * r['fraction_of_peak']:.1f}% of matmul peak "
-            f"| compile {r['compile_s']:.0f} s", flush=True)
+      print(f"{name:5s} stage {case.stage} {case.phase:8s}: batch {r['batch']} @ {r['image']} px | "
+            f"{r['steps_per_s']:.2f} steps/s | {r['images_per_s']:.1f} img/s | "
+            f"{r['gflops_per_step']:.1f} GFLOP/step | {r['achieved_gflops']:.1f} GFLOP/s = "
+            f"{100 * r['fraction_of_peak']:.1f}% of matmul peak | compile {r['compile_s']:.0f} s | "
+            f"load {r['load_avg']}", flush=True)
+    base = rows[-len(built)]
+    for r in rows[-len(built) + 1:]:
+      print(f"{name:5s} stage {r['stage']} {r['phase']:8s} / stage {base['stage']} "
+            f"{base['phase']}: {base['step_s'] / r['step_s']:.3f}x the speed")
   print("RESULT " + json.dumps({"matmul_peak_gflops": round(peak / 1e9, 1), "rows": rows}))
 
 

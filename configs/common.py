@@ -44,11 +44,15 @@ def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.C
   if encoder not in encoders.DEFAULTS:
     raise KeyError(f"encoder={encoder!r}: expected one of {sorted(encoders.DEFAULTS)}")
   c.model.encoder = ml_collections.ConfigDict(dict(encoders.DEFAULTS[encoder],
-                                                   remat_policy="none", scan_blocks=False))
+                                                   remat_policy="none", scan_blocks=False,
+                                                   attention=ml_collections.FieldReference(None, str)))
   # remat_policy: 'none' | 'full' | 'dots' | 'dots_no_batch'. scan_blocks: one nn.scan over
   # stacked block params (faster compiles; layout conversion in uae_jax/models/scan_utils.py).
+  # attention: None (einsum on CPU, jax.nn.dot_product_attention elsewhere) | 'xla' | 'cudnn' |
+  # 'einsum' (docs/speed.md).
   c.model.decoder = ml_collections.ConfigDict(dict(size="XL", patch_size=16, remat_policy="none",
-                                                   scan_blocks=False, weight_init="jax"))
+                                                   scan_blocks=False, weight_init="jax",
+                                                   attention=ml_collections.FieldReference(None, str)))
   # weight_init: 'jax' (Flax defaults) | 'torch_default' (nn.Linear's uniform +-1/sqrt(fan_in),
   # what the official decoder uses: the official recipe's configs set it).
   c.model.num_bands = 4

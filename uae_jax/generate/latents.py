@@ -53,17 +53,15 @@ def tokenizer_config(config):
 
 
 def build_tokenizer(uae_cfg) -> nn.Module:
-  """The UAE module of a tokenizer config (built by the tokenizer task)."""
-  from uae_jax.tasks import uae as uae_task  # pylint: disable=g-import-not-at-top
-  return uae_task.build_model(uae_cfg)
+  """The tokenizer module of a tokenizer run's config: a UAE or a KL-VAE (`config.task`)."""
+  from uae_jax.evaluate import latent_spectrum  # pylint: disable=g-import-not-at-top
+  return latent_spectrum.tokenizer_module(uae_cfg)
 
 
 def latent_shape(uae_cfg) -> tuple:
   """(H, W, C) of the tokenizer's latent grid."""
-  from uae_jax.models import encoders  # pylint: disable=g-import-not-at-top
-  enc = dict(uae_cfg.model.encoder)
-  g = encoders.latent_grid(enc)
-  return (g, g, encoders.latent_dim(enc))
+  from uae_jax.evaluate import latent_spectrum  # pylint: disable=g-import-not-at-top
+  return latent_spectrum.tokenizer_latent_shape(uae_cfg)
 
 
 def abstract_tokenizer_params(uae_cfg):
