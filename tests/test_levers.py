@@ -59,7 +59,8 @@ def _first_grads(tr, config, init_host):
   """Generator gradients of the first step from `init_host` (the step's own loss and rngs)."""
   it = pipeline.make_train_iterator(config.input)
   state = jax.device_put(init_host, tr.state_sh)
-  step = jax.jit(lambda s, b, f: uae_task.generator_grads(config, s, b, f, jax.random.key(0))[1])
+  step = jax.jit(lambda s, b, f: uae_task.generator_grads(config, s, b, f, jax.random.key(0),
+                                                          g_on=False)[1])
   return jax.device_get(step(state, tr.global_batch(it), tr.frozen))
 
 
