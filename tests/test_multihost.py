@@ -15,6 +15,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import stage1
 from uae_jax import train
@@ -104,6 +105,7 @@ def _single_process_losses(workdir):
   return losses
 
 
+@pytest.mark.slow  # ~1.5 min: three trainer processes; `make test-slow`
 def test_two_processes_match_one_process(tmp_path):
   workdir = tmp_path / "pod"
   procs = _start_two_processes(workdir)

@@ -69,10 +69,14 @@ def _changed(a, b):
           for k in a}
 
 
+# Stage 2 runs by default (the encoder trains, the teacher must not); stages 1 and 3 with
+# `make test-slow` (stage 3's GAN step also runs in the phase test below).
 @pytest.mark.parametrize("module,expect", [
-    (stage1, {"encoder": False, "decoder": True, "modulator": True}),
+    pytest.param(stage1, {"encoder": False, "decoder": True, "modulator": True},
+                 marks=pytest.mark.slow),
     (stage2, {"encoder": True, "decoder": True, "modulator": True}),
-    (stage3, {"encoder": True, "decoder": True, "modulator": True}),
+    pytest.param(stage3, {"encoder": True, "decoder": True, "modulator": True},
+                 marks=pytest.mark.slow),
 ])
 def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
   overrides = {"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0} if module is stage3 else {}
@@ -115,6 +119,7 @@ def test_stage3_compiles_one_step_per_gan_phase(tmp_path):
   assert sorted(tr._steps) == [(False, False), (True, False), (True, True)]
 
 
+@pytest.mark.slow  # ~1 min: the official recipe's GAN + clean-pass step compile
 def test_official_recipe_stage2_step_runs_with_clean_pass(tmp_path):
   config = _cfg(official_stage2, steps=4, **{"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0})
   _, _, state, ms = _run_steps(config, tmp_path, 1)
@@ -226,6 +231,7 @@ def test_config_typo_fails_before_training(tmp_path):
     train.validate_config(c)
 
 
+@pytest.mark.slow  # ~2 min: two CLI runs; `make demo` chains the three stages too
 def test_stage_chaining_starts_from_previous_ema(tmp_path):
   s1 = _cfg(stage1, steps=2)
   s1.ckpt.every_steps = 2
