@@ -548,10 +548,12 @@ def cmd_spectrum(args) -> dict:
           "bands": args.bands, "cutoffs": args.cutoffs, "seconds": time.time() - t0}
   os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, f"spectrum_{args.tag}" if args.tag else "spectrum")
-  spectrum.write_json(results, base + ".json", meta)
-  spectrum.plot(results, base + ".png", bands=[int(k) for k in args.bands.split(",")],
-                title=f"{', '.join(names)} on {cfg.source} ({', '.join(splits)}), "
-                      f"{next(iter(results.values()))['num_images']} images")
+  with _atomic_path(base + ".json") as tmp:
+    spectrum.write_json(results, tmp, meta)
+  with _atomic_path(base + ".png") as tmp:
+    spectrum.plot(results, tmp, bands=[int(k) for k in args.bands.split(",")],
+                  title=f"{', '.join(names)} on {cfg.source} ({', '.join(splits)}), "
+                        f"{next(iter(results.values()))['num_images']} images")
   print(json.dumps({"json": base + ".json", "png": base + ".png", "encoders": list(results),
                     "seconds": round(meta["seconds"], 1)}, indent=1))
   return {"results": results, "json": base + ".json", "png": base + ".png"}

@@ -356,5 +356,5 @@ def plot(results: Mapping, path: str, bands: Sequence[int] = DEFAULT_BANDS,
     fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, format="png")  # explicit: `path` may be a temporary name
   plt.close(fig)
