@@ -258,23 +258,13 @@ def dit_from_state_dict(sd: Mapping[str, np.ndarray], context: str = "") -> Tupl
 
 
 def select_state_dict(obj: Any, which: str, path: str) -> Dict[str, Any]:
-  """The `which` ('ema' | 'model') state dict of a training checkpoint, or a flat state dict."""
-  if which not in TRAINING_KEYS:
-    raise ConversionError(f"which={which!r}: expected one of {TRAINING_KEYS}")
-  if not isinstance(obj, Mapping):
-    raise ConversionError(f"{path}: expected a dict, got {type(obj).__name__}")
-  if any(k in obj for k in TRAINING_KEYS):
-    if which not in obj:
-      raise ConversionError(f"{path}: the checkpoint has no {which!r} entry (top-level keys: "
-                            f"{sorted(map(str, obj))}); use which="
-                            f"{' or '.join(k for k in TRAINING_KEYS if k in obj)}")
-    obj = obj[which]
-    if not isinstance(obj, Mapping):
-      raise ConversionError(f"{path}[{which!r}]: expected a state dict, got {type(obj).__name__}")
-  bad = sorted(str(k) for k, v in obj.items() if not isinstance(v, np.ndarray))
+  """The `which` ('ema' | 'model') state dict of a training checkpoint, tensors only."""
+  from uae_jax.convert import uae as uae_convert  # the same training-checkpoint layout
+  sd = uae_convert.select_state_dict(obj, which, path)
+  bad = sorted(str(k) for k, v in sd.items() if not isinstance(v, np.ndarray))
   if bad:
     raise ConversionError(f"{path}: non-tensor entries in the state dict: {bad[:20]}")
-  return dict(obj)
+  return sd
 
 
 @guard.loader("DiT checkpoint")
