@@ -41,7 +41,6 @@ from uae_jax.convert import torch_io
 from uae_jax.convert.tables import ConversionError, Row
 
 MODEL_CLASS = "uae_jax.models.dit.DiTDH"
-TRAINING_KEYS = ("model", "ema")
 WRAPPERS = ("module.", "_orig_mod.")
 EMBEDDERS = ("s_embedder", "x_embedder")
 ROPE_KEYS = {"enc_feat_rope": "body", "dec_feat_rope": "head"}
