@@ -17,6 +17,7 @@ import scipy.fft
 
 from configs import kl_vae as kl_cfg
 from configs import stage1
+from tests.numpy_references import np_block_lowpass
 from uae_jax.checkpoint import manager as ckpt_lib
 from uae_jax.data import config as data_config
 from uae_jax.data import pipeline
@@ -55,20 +56,6 @@ def torch_to_grid(x, hw):
   t = F.interpolate(F.conv2d(t, k, padding=3, groups=t.shape[1]), size=tuple(hw), mode="bicubic",
                     align_corners=False)
   return t.permute(0, 2, 3, 1).numpy()
-
-
-def np_block_lowpass(x, k, b=8):
-  """scipy block DCT: zero (u, v) with u + v >= 2(b - 1) - (k - 1); k = 0 is the identity."""
-  if k == 0:
-    return x.copy()
-  u, v = np.meshgrid(np.arange(b), np.arange(b), indexing="ij")
-  keep = (u + v < 2 * (b - 1) - (k - 1))[None, :, :, None]
-  out = np.empty_like(x)
-  for i in range(0, x.shape[1], b):
-    for j in range(0, x.shape[2], b):
-      c = scipy.fft.dctn(x[:, i:i + b, j:j + b], type=2, norm="ortho", axes=(1, 2)) * keep
-      out[:, i:i + b, j:j + b] = scipy.fft.idctn(c, type=2, norm="ortho", axes=(1, 2))
-  return out
 
 
 def np_psnr(a, b):
