@@ -483,6 +483,16 @@ def roofline_markdown(results: list) -> str:
   return "\n".join(lines)
 
 
+def report(results: list, table: str, benchmark: str, json_path: str) -> int:
+  """Prints the table, writes the cases to `json_path` (when given) and the RESULT line."""
+  print(table, flush=True)
+  if json_path:
+    with open(json_path, "w") as fh:
+      json.dump(results, fh, indent=1)
+  print("RESULT " + json.dumps({"benchmark": benchmark, "cases": results}), flush=True)
+  return 0
+
+
 def roofline_main(args) -> int:
   """Tokenizer stage 3 and DiT^DH-XL on one fake device; prints the roofline table and RESULT."""
   results = []
@@ -491,12 +501,7 @@ def roofline_main(args) -> int:
     r = run_case(1, 1, 1, "base", args.stage, batch, args.timeout, task=task)
     results.append(r)
     print("CASE " + json.dumps(r), flush=True)
-  print(roofline_markdown(results), flush=True)
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(results, fh, indent=1)
-  print("RESULT " + json.dumps({"benchmark": "scale_roofline", "cases": results}), flush=True)
-  return 0
+  return report(results, roofline_markdown(results), "scale_roofline", args.json)
 
 
 def main(argv=None):
@@ -554,12 +559,7 @@ def main(argv=None):
                  args.diffaug_fix)
     results.append(r)
     print("CASE " + json.dumps(r), flush=True)
-  print(markdown(results), flush=True)
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(results, fh, indent=1)
-  print("RESULT " + json.dumps({"benchmark": "scale", "cases": results}), flush=True)
-  return 0
+  return report(results, markdown(results), "scale", args.json)
 
 
 if __name__ == "__main__":
