@@ -162,21 +162,8 @@ def test_adaptive_weight_formula_cap_and_no_gradient():
                                             (60, True, False), (79, True, False),
                                             (80, True, True), (159, True, True)])
 def test_schedule_switches_at_6_and_8_sixteenths(step, d_on, g_on):
-  # The host-side phase the trainer compiles for agrees with the traced schedule.
+  """The host-side phase the trainer compiles a step for: D from 6/16, the G term from 8/16."""
   assert gan.gan_phase(step, 160) == (d_on, g_on)
-  d, g = gan.gan_schedule_weights(step, 160)
-  assert (bool(d), bool(g)) == (d_on, g_on)
-  assert d.dtype == jnp.bool_ and g.dtype == jnp.bool_
-  # Traced step and traced total give the same answer (one compiled step for the stage).
-  d, g = jax.jit(gan.gan_schedule_weights)(jnp.int32(step), jnp.int32(160))
-  assert (bool(d), bool(g)) == (d_on, g_on)
-
-
-def test_schedule_does_not_recompile():
-  f = jax.jit(lambda s: gan.gan_schedule_weights(s, 160))
-  outs = [tuple(bool(t) for t in f(jnp.int32(s))) for s in (0, 60, 80)]
-  assert outs == [(False, False), (True, False), (True, True)]
-  assert f._cache_size() == 1
 
 
 def test_quantize_fake():

@@ -12,8 +12,7 @@ The tokenizer task composes them (`uae_jax/tasks/uae.py: generator_grads`): one 
 backward passes of (L_rec, L_G) give both gradients at the decoder's last layer for lambda. The
 trainer compiles one step per `gan_phase` (a host-side decision on the step number), so before
 g_on the step has no discriminator forward and one backward, and before d_on no discriminator
-update: no phase pays for work it does not use. `gan_schedule_weights` is the traced form of the
-same schedule, for code that needs it inside a jitted function.
+update: no phase pays for work it does not use.
 """
 import math
 
@@ -45,20 +44,9 @@ def adaptive_weight(grad_rec, grad_gan, max_weight: float = 1e4):
   return jax.lax.stop_gradient(jnp.clip(w, 0.0, max_weight))
 
 
-def _start_step(frac: float, total_steps):
+def _start_step(frac: float, total_steps: int) -> int:
   """First step index >= frac * total_steps (rounded to 1e-6 so 6/16 * 160 is exactly 60)."""
-  if isinstance(total_steps, int):
-    return math.ceil(round(frac * total_steps, 6))
-  return jnp.ceil(frac * jnp.asarray(total_steps, jnp.float32) - 1e-6).astype(jnp.int32)
-
-
-def gan_schedule_weights(step, total_steps, d_start_frac: float = 6 / 16,
-                         g_start_frac: float = 8 / 16):
-  """(d_on, g_on) jnp bools: D updates from d_start_frac, the G term from g_start_frac on."""
-  step = jnp.asarray(step)
-  d_on = step >= _start_step(d_start_frac, total_steps)
-  g_on = step >= _start_step(g_start_frac, total_steps)
-  return d_on, g_on
+  return math.ceil(round(frac * total_steps, 6))
 
 
 def gan_phase(step: int, total_steps: int, d_start_frac: float = 6 / 16,
