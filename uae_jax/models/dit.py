@@ -237,25 +237,34 @@ def block_class(remat_policy: Optional[str], prevent_cse: bool = True):
 
 
 def run_blocks(x, cond, rope, depth: int, name: str, scan: bool, remat_policy: Optional[str],
-               **block_kwargs):
+               capture: int = 0, **block_kwargs):
   """`depth` AdaLNBlocks (call from a compact method): unrolled `{name}_{i}` or one `nn.scan`.
 
   Scanned params are stacked under `name` with a leading LAYERS axis
-  (`uae_jax.models.scan_utils` converts between the layouts).
+  (`uae_jax.models.scan_utils` converts between the layouts). With `capture` = k > 0 the result
+  is (output, hidden state after block k) (REPA); capture = 0 is the plain forward.
   """
   cos, sin = (jnp.asarray(a) for a in rope)
   if not scan:
-    block = block_class(remat_policy)
+    block, kept = block_class(remat_policy), None
     for i in range(depth):
       x = block(name=f"{name}_{i}", **block_kwargs)(x, cond, cos, sin)
-    return x
-  block = block_class(remat_policy, prevent_cse=False)
-  body = lambda mdl, carry, c, co, si: (mdl(carry, c, co, si), None)
-  scan_fn = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
-                    metadata_params={nn.PARTITION_NAME: LAYERS})
-  x, _ = scan_fn(block(name=name, **block_kwargs), x, cond, cos, sin)
-  return x
+      kept = x if i + 1 == capture else kept
+    return (x, kept) if capture else x
+  block = block_class(remat_policy, prevent_cse=False)(name=name, **block_kwargs)
+  scan_kw = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
+                 metadata_params={nn.PARTITION_NAME: LAYERS})
+  if not capture:
+    body = lambda mdl, carry, c, co, si: (mdl(carry, c, co, si), None)
+    scan_fn = nn.scan(body, in_axes=(nn.broadcast,) * 3, **scan_kw)
+    return scan_fn(block, x, cond, cos, sin)[0]
+  # REPA: carry the hidden state of block `capture` along (O(1) memory, not a stack of depth).
+  def body_capture(mdl, carry, c, co, si, i):
+    h, kept = carry
+    h = mdl(h, c, co, si)
+    return (h, jnp.where(i + 1 == capture, h, kept)), None
+  scan_fn = nn.scan(body_capture, in_axes=(nn.broadcast,) * 3 + (0,), **scan_kw)
+  return scan_fn(block, (x, jnp.zeros_like(x)), cond, cos, sin, jnp.arange(depth))[0]
 
 
 class FourierTimeEmbed(nn.Module):
@@ -378,10 +387,14 @@ class _DiTBase(nn.Module):
       out = out + jnp.asarray(sincos_2d(dim, self.grid, self.grid, cls_token=False), self.dtype)[None]
     return out
 
-  def _blocks(self, x, cond, spec: DiTSize, cond_dim: int, name: str, init: str):
-    """A stack of AdaLNBlocks of size `spec` with its RoPE tables."""
+  def _blocks(self, x, cond, spec: DiTSize, cond_dim: int, name: str, init: str,
+              capture: int = 0):
+    """A stack of AdaLNBlocks of size `spec` with its RoPE tables ((out, hidden_k) if capture=k)."""
     rope = rope_tables(spec.dim // spec.heads, self.grid, self.rope_theta)
+    if not 0 <= capture <= spec.depth:
+      raise ValueError(f"hidden state of block {capture} asked, the stack has {spec.depth}")
     return run_blocks(x, cond, rope, spec.depth, name, self.scan_blocks, self.remat_policy,
+                      capture=capture,
                       dim=spec.dim, num_heads=spec.heads, cond_dim=cond_dim,
                       mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm, init=init, **self._kw())
 
@@ -393,20 +406,30 @@ class _DiTBase(nn.Module):
 
 
 class LightningDiT(_DiTBase):
-  """Plain DiT: cond = t_e + y_e per sample, sin-cos positions, xavier Linears."""
+  """Plain DiT: cond = t_e + y_e per sample, sin-cos positions, xavier Linears.
+
+  `return_hidden=k > 0`: returns (velocity, hidden tokens (B, N, width) after body block k) for
+  REPA; the velocity is the same function as with k = 0.
+  """
 
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False):
+  def __call__(self, x, t, y, train: bool = False, return_hidden: int = 0):
     spec = self.body
     t_e, y_e = self._t_y(t, y, train)
     c = (t_e + y_e)[:, None, :]
     h = self._embed(x, spec.dim, "x_embedder", pos=True)
-    h = self._blocks(h, c, spec, spec.dim, "blocks", "xavier")
+    h = self._blocks(h, c, spec, spec.dim, "blocks", "xavier", capture=return_hidden)
+    if return_hidden:
+      h, hidden = h
+      return self._output(h, c, spec.dim, spec.dim), hidden
     return self._output(h, c, spec.dim, spec.dim)
 
 
 class DiTDH(_DiTBase):
-  """DiT with the wide DDT head: body on the embedded input, head on x_t conditioned per token."""
+  """DiT with the wide DDT head: body on the embedded input, head on x_t conditioned per token.
+
+  `return_hidden=k > 0`: returns (velocity, body tokens (B, N, width) after body block k) (REPA).
+  """
   head_size: str = "DH"
 
   @property
@@ -417,17 +440,41 @@ class DiTDH(_DiTBase):
     return HEAD_SIZES[self.head_size]
 
   @nn.compact
-  def __call__(self, x, t, y, train: bool = False):
-    spec, head = self.body, self.head
+  def __call__(self, x, t, y, train: bool = False, return_hidden: int = 0):
+    spec = self.body
     t_e, y_e = self._t_y(t, y, train)
     c = jax.nn.silu(t_e + y_e)[:, None, :]   # the extra SiLU of the reference (adaLN adds its own)
     s = self._embed(x, spec.dim, "s_embedder", pos=True)
-    s = self._blocks(s, c, spec, spec.dim, "blocks", "torch")
+    s = self._blocks(s, c, spec, spec.dim, "blocks", "torch", capture=return_hidden)
+    if return_hidden:  # REPA: the body's hidden state after block `return_hidden`
+      s, hidden = s
+      return self._head(x, s, t_e), hidden
+    return self._head(x, s, t_e)
+
+  def _head(self, x, s, t_e):
+    """Time re-injection, projection to the head width, head blocks and the final layer."""
+    spec, head = self.body, self.head
     s = jax.nn.silu(t_e[:, None, :] + s)      # time re-injected per token
     s = linear(head.dim, spec.dim, (EMBED, MLP), "s_projector", "torch", **self._kw())(s)
     h = self._embed(x, head.dim, "x_embedder", pos=False)  # the head re-embeds the noisy input
     h = self._blocks(h, s, head, head.dim, "head_blocks", "torch")
     return self._output(h, s, head.dim, head.dim)
+
+
+class RepaProjector(nn.Module):
+  """REPA's projector: Linear -> SiLU -> Linear -> SiLU -> Linear from a DiT hidden state to the
+  frozen encoder's feature width (trained with the DiT, unused when sampling)."""
+  hidden: int = 2048
+  out_dim: int = 768
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = linear(self.hidden, h.shape[-1], (EMBED, MLP), "fc1", "torch", **kw)(h)
+    h = linear(self.hidden, self.hidden, (MLP, MLP), "fc2", "torch", **kw)(jax.nn.silu(h))
+    return linear(self.out_dim, self.hidden, (MLP, EMBED), "fc3", "torch", **kw)(jax.nn.silu(h))
 
 
 MODELS = {"ddt": DiTDH, "lightning": LightningDiT}
