@@ -28,8 +28,9 @@ def parse_arg(arg, **defaults):
 def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.ConfigDict:
   """Full-size defaults shared by every tokenizer stage (DINOv2-B with registers, ViT-XL decoder).
 
-  `encoder` picks the semantic encoder (dinov2 | clip | siglip2) at its full size; its latent grid,
-  width, pixel statistics and official-recipe DCT counts follow from `models/encoders.py`.
+  `encoder` picks the semantic encoder (dinov2 | clip | siglip2 | mae) at its full size; its latent
+  grid (hence the image size), width, pixel statistics and official-recipe DCT counts follow from
+  `models/encoders.py`.
 
   The stage switches (`train.encoder_trainable`, `loss.semantic`, `model.noise_tau`,
   `gan.enabled`) are left off here; each `configs/stage*.py` writes the ones it turns on.
@@ -74,6 +75,9 @@ def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.C
   c.compute_dtype = "float32"        # 'bfloat16' for bf16 compute with float32 master weights
 
   c.input = default_input_config()
+  # The reconstruction has the input's size: decoder patch x encoder grid (256 px for the 16 x 16
+  # grids of DINOv2 / CLIP / SigLIP2, 224 px for MAE-B/16's 14 x 14).
+  c.input.image_size = c.model.decoder.patch_size * encoders.latent_grid(c.model.encoder)
   c.input.source = "tfds"
   c.input.name = "imagenet2012"
   c.input.eval_split = "validation"

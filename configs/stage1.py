@@ -1,7 +1,7 @@
 """Paper recipe, stage 1: encoder frozen; train the modulator and the decoder on L_rec; no noise.
 
 Set `--config.init.encoder=<converted encoder dir>`. Variants: `:encoder=clip`, `:encoder=siglip2`,
-`:tiny` (this CPU), `:tiny,steps=N`.
+`:encoder=mae` (224 px images: MAE-B/16's 14 x 14 grid), `:tiny` (this CPU), `:tiny,steps=N`.
 """
 from configs import common
 

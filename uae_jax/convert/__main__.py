@@ -1,4 +1,4 @@
-"""Command line: `python -m uae_jax.convert {dinov2, uae-import, uae-export, dino-disc, clip, siglip2, dit, dit-export} ...`.
+"""Command line: `python -m uae_jax.convert {dinov2, uae-import, uae-export, dino-disc, clip, siglip2, mae, dit, dit-export} ...`.
 
   python -m uae_jax.convert dinov2 --src FILE_OR_HF_DIR --out DIR [--variant auto|hf|timm|fair]
          [--input-size 224] [--size B] [--num-heads N] [--drop-final-norm]
@@ -10,6 +10,7 @@
   python -m uae_jax.convert dit-export --src DIR --out FILE.safetensors [--no-rope-buffers]
   python -m uae_jax.convert clip --src FILE_OR_HF_DIR --out DIR [--input-size 224] [--drop-post-norm]
   python -m uae_jax.convert siglip2 --src FILE_OR_HF_DIR --out DIR [--drop-final-norm] [--drop-head]
+  python -m uae_jax.convert mae --src FILE_OR_HF_DIR --out DIR [--input-size 224] [--drop-final-norm]
 
 Output directories hold `params.msgpack` + `arch.json` (see uae_jax/convert/flax_io.py). The
 architecture is inferred from the tensor shapes: a named size when one matches, otherwise
@@ -70,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
   sg.add_argument("--drop-final-norm", action="store_true",
                   help="discard post_layernorm's affine (UAE-SigLIP2 has none)")
   sg.add_argument("--drop-head", action="store_true", help="discard the attention-pool head")
+  ma = sub.add_parser("mae", help="MAE ViT (HF ViTMAEModel / ViTMAEForPreTraining) -> Flax Mae")
+  ma.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
+  ma.add_argument("--out", required=True, help="output directory")
+  ma.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  ma.add_argument("--drop-final-norm", action="store_true",
+                  help="discard the final layernorm's affine (the UAE MAEwNorm encoder has none)")
   dd = sub.add_parser("dino-disc", help="DINO ViT-S/8 discriminator backbone -> Flax params")
   dd.add_argument("--src", required=True)
   dd.add_argument("--out", required=True)
@@ -122,6 +129,11 @@ def main(argv=None) -> int:
                                            drop_final_norm=args.drop_final_norm,
                                            drop_head=args.drop_head)
       print(f"wrote {args.out}/params.msgpack and arch.json: Siglip({json.dumps(arch)})")
+    elif args.cmd == "mae":
+      from uae_jax.convert import mae
+      _, arch = mae.convert_mae_file(args.src, args.out, input_size=args.input_size,
+                                     drop_final_norm=args.drop_final_norm)
+      print(f"wrote {args.out}/params.msgpack and arch.json: Mae({json.dumps(arch)})")
     elif args.cmd == "dino-disc":
       from uae_jax.convert import discriminator
       _, arch = discriminator.convert_dino_disc_file(args.src, args.out,

@@ -508,6 +508,7 @@ def cmd_spectrum(args) -> dict:
   from uae_jax.data import config as data_config
   from uae_jax.data import pipeline
   from uae_jax.evaluate import spectrum
+  from uae_jax.models import encoders as encoders_lib
   names = [e.strip() for e in args.encoder.split(",") if e.strip()]
   encoders = []
   for name in names:
@@ -515,15 +516,15 @@ def cmd_spectrum(args) -> dict:
       encoders.append(spectrum.pixel_encoder())
     elif name == "vgg16":
       encoders.append(spectrum.vgg16_encoder(taps=tuple(args.vgg_taps.split(","))))
-    elif name in ("dinov2", "clip", "siglip2"):
+    elif name in encoders_lib.KINDS:
       if not getattr(args, name):
         raise ConfigError(f"--encoder {name} needs --{name} PATH (converted dir, .safetensors/"
                          ".pth or HF dir); no such weights ship with any package")
       size = args.dinov2_input_size if name == "dinov2" else None  # others: native size
       encoders.append(spectrum.semantic_encoder(name, getattr(args, name), size))
     else:
-      raise ConfigError(f"unknown encoder {name!r}: choose from pixels, vgg16, dinov2, clip, "
-                        "siglip2")
+      raise ConfigError(f"unknown encoder {name!r}: choose from pixels, vgg16, "
+                        + ", ".join(encoders_lib.KINDS))
   cfg = apply_data_arg(data_config.default_input_config(), args.data or "photos", args.data_dir,
                        "", args.image_size, args.batch_size, args.max_images)
   splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -676,11 +677,12 @@ def _add_spectrum_parser(sub):
   """The `spectrum` subcommand."""
   s = sub.add_parser("spectrum", help="the Prism analysis of encoder feature spectra")
   s.add_argument("--encoder", default="pixels,vgg16",
-                 help="comma list of pixels, vgg16, dinov2, clip, siglip2")
+                 help="comma list of pixels, vgg16, dinov2, clip, siglip2, mae")
   s.add_argument("--dinov2", default="", help="DINOv2 weights for --encoder dinov2")
   s.add_argument("--dinov2-input-size", type=int, default=224)
   s.add_argument("--clip", default="", help="CLIP weights for --encoder clip (224 px, raw tokens)")
   s.add_argument("--siglip2", default="", help="SigLIP(2) weights for --encoder siglip2 (256 px)")
+  s.add_argument("--mae", default="", help="MAE ViT weights for --encoder mae (224 px)")
   s.add_argument("--vgg-taps", default="relu1_2,relu2_2,relu3_3,relu4_3,relu5_3")
   s.add_argument("--data", default="photos", help="photos[:DIR] | array_record:DIR | tfds:NAME")
   s.add_argument("--data-dir", default="")

@@ -9,6 +9,7 @@ Kinds (full-size defaults in `DEFAULTS`, CPU test sizes in `TINY`):
   dinov2   DINOv2 ViT-B/14 with 4 registers, 224 px, final LayerNorm without affine (models/dinov2.py)
   clip     OpenAI CLIP ViT-L/14, 224 px, raw last-block patch tokens (models/clip.py)
   siglip2  SigLIP2 ViT-B/16, 256 px, final LayerNorm without affine (models/siglip.py)
+  mae      MAE ViT-B/16, 224 px (14 x 14 grid), final LayerNorm without affine (models/mae.py)
 The official-code recipe settings that follow from the encoder (the DCT keep counts and the number
 of zig-zag coefficients in the semantic loss) are in `OFFICIAL_RECIPE`.
 """
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from uae_jax.errors import ConfigError
 from uae_jax.models import clip
 from uae_jax.models import dinov2
+from uae_jax.models import mae
 from uae_jax.models import siglip
 
 
@@ -61,6 +63,12 @@ def _siglip_pretrained(path: str, input_size):
   return convert_siglip.load_siglip(path, input_size=input_size)
 
 
+def _mae_pretrained(path: str, input_size):
+  """MAE (params, kwargs) as stored."""
+  from uae_jax.convert import mae as convert_mae
+  return convert_mae.load_mae(path, input_size=input_size)
+
+
 def _size_dim(sizes: Mapping) -> Callable[[Mapping], int]:
   """latent_dim for encoders whose width is given by a named size."""
   def dim(cfg: Mapping) -> int:
@@ -75,6 +83,7 @@ KINDS = {
     "clip": EncoderKind(clip.Clip, _size_dim(clip.SIZES), clip.load, _clip_pretrained, 14),
     "siglip2": EncoderKind(siglip.Siglip, _size_dim(siglip.SIZES), siglip.load,
                            _siglip_pretrained, 16),
+    "mae": EncoderKind(mae.Mae, _size_dim(mae.SIZES), mae.load, _mae_pretrained, 16),
 }
 
 # Full-size encoder configs (config.model.encoder) of the official UAE encoders.
@@ -85,12 +94,17 @@ DEFAULTS = {
                  pos_embed_convention="torch_bicubic", post_norm=False),
     "siglip2": dict(kind="siglip2", size="B", patch_size=16, input_size=256, pos_embed_grid=16,
                     pos_embed_convention="torch_bicubic", final_norm_affine=False, head=False),
+    # Standard MAE values (facebook/vit-mae-base: 224 px, ImageNet statistics); the UAE code's
+    # MAEwNorm states none. Its 14 x 14 grid makes the tokenizer image 14 x 16 = 224 px.
+    "mae": dict(kind="mae", size="B", patch_size=16, input_size=224, pos_embed_grid=14,
+                final_norm_affine=False),
 }
 # CPU test sizes: an 8 x 8 latent grid from 64 px images (decoder patch 8).
 TINY = {
     "dinov2": dict(size="tiny", input_size=112, pos_embed_grid=8),
     "clip": dict(size="tiny", input_size=112, pos_embed_grid=8),
     "siglip2": dict(size="tiny", input_size=128, pos_embed_grid=8),
+    "mae": dict(size="tiny", input_size=128, pos_embed_grid=8),
 }
 # Official-code recipe settings tied to the encoder (its stage-2 configs): eval keep count, random
 # keep range of the DCT low-pass, and the zig-zag coefficients of the semantic loss.
@@ -98,6 +112,8 @@ OFFICIAL_RECIPE = {
     "dinov2": dict(dct_count=36, dct_count_min=32, dct_count_max=256, semantic_first_k=64),
     "clip": dict(dct_count=36, dct_count_min=36, dct_count_max=256, semantic_first_k=64),
     "siglip2": dict(dct_count=128, dct_count_min=128, dct_count_max=256, semantic_first_k=128),
+    # No official MAE config exists: DINOv2's counts, the range capped at the 14 x 14 = 196 grid.
+    "mae": dict(dct_count=36, dct_count_min=32, dct_count_max=196, semantic_first_k=64),
 }
 
 
