@@ -338,7 +338,7 @@ def test_registry_rejects_unknown_kind_and_gives_official_recipe():
   assert encoders.normalisation({"kind": "siglip2"}) == ((0.5,) * 3, (0.5,) * 3)
   assert encoders.normalisation(encoders.DEFAULTS["clip"])[0] == clip_lib.CLIP_MEAN
   with pytest.raises(ConfigError, match="expected one of"):
-    encoders.build({"kind": "mae"})
+    encoders.build({"kind": "vqgan"})
   assert encoders.official_recipe({"kind": "siglip2"})["semantic_first_k"] == 128
   assert encoders.official_recipe({"kind": "clip"})["dct_count"] == 36
   assert encoders.latent_dim(encoders.DEFAULTS["clip"]) == 1024
