@@ -1,4 +1,5 @@
-"""Command line of `python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum, latent-spectrum}`.
+"""Command line of `python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum, latent-spectrum,
+compress}`.
 
   recon      reconstruct an eval split with a trained run (EMA params by default) or an official
              PyTorch UAE checkpoint; PSNR / SSIM / LPIPS (+ rFID with Inception weights); writes
@@ -12,6 +13,8 @@
              pixels, VGG16 (LPIPS weights) and DINOv2 (if weights are given); JSON + PNG.
   latent-spectrum  16-bin band distributions of images and latents of a UAE or KL-VAE run, KL to
              the flattened target, latent PCA picture, DSM low-pass probe (evaluate/latent_spectrum.py).
+  compress   a QG-VAE or patch VQ-VAE run: uint16 indices file, bytes per image (fixed and index
+             entropy), PSNR / SSIM / LPIPS, progressive reconstructions (docs/qgvae.md).
 
 Data (`--data`): 'photos' (bundled real photos; 'photos:DIR' for another cache dir),
 'array_record:DIR' (a `python -m uae_jax.data.prepare --out DIR` folder) or 'tfds:NAME'
@@ -709,6 +712,20 @@ def cmd_latent_spectrum(args) -> dict:
   return latent_spectrum.run(args)
 
 
+def _add_compress_parser(sub):
+  """The `compress` subcommand (QG-VAE and patch VQ-VAE runs; tasks/qgvae.py)."""
+  from uae_jax.tasks import qgvae
+  qgvae.add_compress_args(sub.add_parser(
+      "compress", help="QG-VAE / patch VQ-VAE run: uint16 indices file, bytes per image, "
+                       "PSNR / SSIM / LPIPS, progressive reconstructions"))
+
+
+def cmd_compress(args) -> dict:
+  """`compress`: see tasks/qgvae.py (run_compress)."""
+  from uae_jax.tasks import qgvae
+  return qgvae.run_compress(args)
+
+
 def parser() -> argparse.ArgumentParser:
   """The argparse parser of all subcommands."""
   p = argparse.ArgumentParser(prog="python -m uae_jax.evaluate", description=__doc__,
@@ -721,6 +738,7 @@ def parser() -> argparse.ArgumentParser:
   _add_probe_parser(sub)
   _add_spectrum_parser(sub)
   _add_latent_spectrum_parser(sub)
+  _add_compress_parser(sub)
   return p
 
 
@@ -741,7 +759,7 @@ def main(argv=None) -> Any:
   quiet_library_logs()
   commands = {"recon": cmd_recon, "fid-stats": cmd_fid_stats, "gen": cmd_gen,
               "probe": cmd_probe, "spectrum": cmd_spectrum,
-              "latent-spectrum": cmd_latent_spectrum}
+              "latent-spectrum": cmd_latent_spectrum, "compress": cmd_compress}
   try:
     return commands[args.cmd](args)
   except UserError as e:  # ConversionError, LoadError, ConfigError, CheckpointError

@@ -420,9 +420,10 @@ class Evaluator:
       return recon_eval.eval_metrics(lpips_params, recon, images, mode), idx
 
     self._step = jax.jit(step)
+    # The prefix length is traced (a mask), so all progressive decodes share one compile.
     self._prefix = jax.jit(
         lambda params, idx, keep: model.apply({"params": params}, idx, keep,
-                                              method="decode_indices"), static_argnums=2)
+                                              method="decode_indices"))
     self._index = jax.jit(lambda params, x: model.apply({"params": params}, x, method="indices"))
 
   def _batches(self):
@@ -461,7 +462,8 @@ class Evaluator:
     """Rows [original, decode of the first n tokens for each prefix length] for `num` images."""
     x = jnp.asarray(images[:num])
     idx = self._index(params, x)
-    cols = [np.asarray(self._prefix(params, idx, n)) for n in prefix_lengths(self.config)]
+    cols = [np.asarray(self._prefix(params, idx, jnp.int32(n)))
+            for n in prefix_lengths(self.config)]
     return [[np.asarray(x[i])] + [c[i] for c in cols] for i in range(x.shape[0])]
 
   def images(self, state) -> dict:
@@ -528,7 +530,9 @@ def restore_run(workdir: str, step=None) -> tuple:
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev),
                         nn.unbox(abstract["params"]))
-  return config, ckpt_lib.restore_subtrees(workdir, {"params": target}, step)["params"], step
+  # move=False: evaluating never moves a run's (possibly damaged) checkpoints aside.
+  params = ckpt_lib.restore_subtrees(workdir, {"params": target}, step, move=False)["params"]
+  return config, params, step
 
 
 def compress_report(config, params, input_config, max_images: int = 0) -> tuple:
@@ -555,51 +559,93 @@ def ml_mesh():
   return ml_collections.ConfigDict(dict(data=1, fsdp=1))
 
 
-def compress_main(argv=None) -> int:
-  """`compress`: indices file + metrics + progressive figure; `decompress`: file -> images."""
-  import argparse  # pylint: disable=g-import-not-at-top
+def add_compress_args(p) -> None:
+  """The arguments of `compress` (shared by `python -m uae_jax.evaluate compress`)."""
+  p.add_argument("--workdir", required=True, help="a qgvae training run (QG-VAE or patch baseline)")
+  p.add_argument("--out", default="", help="output directory (default WORKDIR/compress)")
+  p.add_argument("--data", default="", help="'photos', 'array_record:DIR' or 'tfds:NAME' "
+                 "(default: the run's own eval data)")
+  p.add_argument("--split", default="")
+  p.add_argument("--max-images", type=int, default=0, help="0 = the whole eval split")
+
+
+def add_decompress_args(p) -> None:
+  """The arguments of `decompress`."""
+  p.add_argument("--file", required=True, help="an indices.npz written by compress")
+  p.add_argument("--workdir", required=True, help="the run whose decoder reads the indices")
+  p.add_argument("--out", required=True, help="output .npz of uint8 images")
+
+
+def _as_load_error(fn, *args):
+  """fn(*args), with missing files and unreadable data reported as one-line LoadErrors."""
+  from uae_jax.errors import LoadError  # pylint: disable=g-import-not-at-top
+  try:
+    return fn(*args)
+  except (FileNotFoundError, ValueError) as e:
+    raise LoadError(f"{type(e).__name__}: {e}") from e
+
+
+def run_compress(args) -> dict:
+  """`compress`: indices.npz (uint16 + model reference), metrics.json and progressive.png."""
+  return _as_load_error(_compress, args)
+
+
+def run_decompress(args) -> dict:
+  """`decompress`: an indices file decoded by the run's decoder into uint8 images (.npz)."""
+  return _as_load_error(_decompress, args)
+
+
+def _decompress(args) -> dict:
+  """run_decompress without the error translation."""
+  config, params, _ = restore_run(args.workdir)
+  indices, meta = read_indices(args.file)
+  recon = decode_file_indices(config, params, indices)
+  np.savez_compressed(args.out, images=np.uint8(np.round(np.clip(recon, 0, 1) * 255)))
+  out = {"images": int(len(recon)), "out": args.out, "source": meta["source"]}
+  print(json.dumps(out))
+  return out
+
+
+def _compress(args) -> dict:
+  """run_compress without the error translation."""
   import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from uae_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from uae_jax.evaluate import cli as eval_cli  # pylint: disable=g-import-not-at-top
   from uae_jax.metric_writers import image_grid  # pylint: disable=g-import-not-at-top
+  config, params, step = restore_run(args.workdir)
+  out = args.out or os.path.join(args.workdir, "compress")
+  os.makedirs(out, exist_ok=True)
+  inp = eval_cli.apply_data_arg(config.input, args.data, split=args.split)
+  metrics, idx, images, ev = compress_report(config, params, inp, args.max_images)
+  write_indices(os.path.join(out, "indices.npz"), idx, config, args.workdir, step)
+  metrics["file_bytes"] = os.path.getsize(os.path.join(out, "indices.npz"))
+  Image.fromarray(image_grid(ev.progressive(params, images, num=min(6, len(images))))).save(
+      os.path.join(out, "progressive.png"))
+  metrics["prefix_tokens"] = prefix_lengths(config)
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(metrics, f, indent=1)
+  print(json.dumps(metrics))
+  return metrics
+
+
+def compress_main(argv=None) -> int:
+  """`python -m uae_jax.tasks.qgvae {compress, decompress}`; the evaluate CLI's `compress` is the
+  same code. Bad input prints one line `error: ...` and returns 2."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from uae_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from uae_jax.evaluate import cli as eval_cli  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="python -m uae_jax.tasks.qgvae")
   sub = p.add_subparsers(dest="cmd", required=True)
-  c = sub.add_parser("compress", help="encode an eval split to uint16 indices; metrics, figure")
-  c.add_argument("--workdir", required=True)
-  c.add_argument("--out", default="", help="output directory (default WORKDIR/compress)")
-  c.add_argument("--data", default="", help="'photos', 'array_record:DIR' or 'tfds:NAME'")
-  c.add_argument("--split", default="")
-  c.add_argument("--max-images", type=int, default=0)
-  d = sub.add_parser("decompress", help="decode an indices file back to images (.npz uint8)")
-  d.add_argument("--file", required=True)
-  d.add_argument("--workdir", required=True)
-  d.add_argument("--out", required=True)
+  add_compress_args(sub.add_parser("compress", help="encode an eval split to uint16 indices; "
+                                   "metrics, figure"))
+  add_decompress_args(sub.add_parser("decompress", help="decode an indices file back to images"))
   args = p.parse_args(argv)
   try:
-    config, params, step = restore_run(args.workdir)
-    if args.cmd == "decompress":
-      indices, meta = read_indices(args.file)
-      recon = decode_file_indices(config, params, indices)
-      np.savez_compressed(args.out, images=np.uint8(np.round(np.clip(recon, 0, 1) * 255)))
-      print(json.dumps({"images": int(len(recon)), "out": args.out, "source": meta["source"]}))
-      return 0
-    out = args.out or os.path.join(args.workdir, "compress")
-    os.makedirs(out, exist_ok=True)
-    inp = eval_cli.apply_data_arg(config.input, args.data, split=args.split)
-    metrics, idx, images, ev = compress_report(config, params, inp, args.max_images)
-    write_indices(os.path.join(out, "indices.npz"), idx, config, args.workdir, step)
-    metrics["file_bytes"] = os.path.getsize(os.path.join(out, "indices.npz"))
-    Image.fromarray(image_grid(ev.progressive(params, images, num=min(6, len(images))))).save(
-        os.path.join(out, "progressive.png"))
-    metrics["prefix_tokens"] = prefix_lengths(config)
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=1)
-    print(json.dumps(metrics))
+    (run_decompress if args.cmd == "decompress" else run_compress)(args)
     return 0
-  except (UserError, FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except UserError as e:
+    print(f"error: {eval_cli.one_line(e)}", file=sys.stderr)
     return 2
 
 
