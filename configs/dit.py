@@ -9,16 +9,23 @@ Arguments: `size=XL|L|B|S`, `kind=ddt|lightning`, `tiny` (this CPU: the tiny UAE
 `configs/stage1.py:tiny`, 8 x 8 x 64 latents, the bundled photos), `steps=N` (tiny only),
 `tok=UAE_RUN` (same as `--config.tokenizer.workdir=UAE_RUN`), `band0` (paper recipe: model band 0
 only), `progressive` (official recipe: the 64 -> 256 kept-coefficient schedule; `:tiny` scales it
-to the 8 x 8 grid, 9 -> 64 over its one epoch).
+to the 8 x 8 grid, 9 -> 64 over its one epoch), `repa=W` (REPA alignment of body block
+`repa.depth` to the tokenizer's frozen encoder features with weight W; off at 0), `dog` (with
+`repa=W`: DoG-filter the REPA target with the experimental default sigmas DOG_SIGMAS).
 Hyper-parameters are the reference stage-2 recipe: AdamW (0.9, 0.95), constant 2e-4 for 40
 epochs then linear to 2e-5 at epoch 800, grad clip 1.0, EMA 0.9995, batch 1024, logit-normal
 training times with the 16 x 16 x 768 time shift, label dropout 0.1, Euler-50 sampling.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 from uae_jax.data.config import default_input_config
 from uae_jax.generate import views
+
+# The experimental DoG-REPA band-pass (sigma_low, sigma_high) in DiT tokens; the paper states no
+# filter, docs/spectrum_matching.md#dog-repa-experimental says why these values.
+DOG_SIGMAS = (0.5, 2.0)
 
 
 def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
@@ -60,6 +67,15 @@ def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
       time_shift=True, shift_base=4096,
       shift_dim=-1,              # -1: H * W * C of the latent (196,608 -> alpha = 6.928)
       prediction="velocity"))    # 'velocity' | 'x' (clean-latent prediction, velocity loss)
+
+  # REPA (experimental DoG variant): 1 - cosine between a 3-layer SiLU MLP projection of the
+  # hidden state after body block `depth` (REPA: 8 of SiT-XL's 28) and the frozen tokenizer's
+  # encoder features of the clean image ('encoder': the DINOv2 tokens; 'band0': their band 0),
+  # pooled to the DiT's token grid; `dog_sigmas` (low, high) in DiT tokens DoG-filters the
+  # target, None = plain REPA. weight 0 = off (the step is then exactly the plain one).
+  c.repa = ml_collections.ConfigDict(dict(
+      weight=0.0, depth=8, proj_dim=2048, target="encoder",
+      dog_sigmas=config_dict.placeholder(tuple)))
 
   c.sample = ml_collections.ConfigDict(dict(
       method="euler",            # 'euler' | 'heun' | 'rk4' | 'euler_maruyama'
@@ -114,6 +130,7 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   c.optim.update(peak_lr=1e-3, end_lr=1e-4, constant_epochs=0.5, decay_end_epochs=1.0,
                  ema_decay=0.99)
   c.sample.update(num_points=25, num_samples=100, batch_size=20)
+  c.repa.update(depth=1, proj_dim=64)
   # The schedule in the one epoch of a tiny run: 9 -> 16 -> ... -> 64 coefficients of the 8 x 8
   # grid, one step every tenth of the run after the first.
   c.latent.progressive.update(hold_epochs=0.0, interval_epochs=0.1)
@@ -129,11 +146,14 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   """DiT config (full size unless `tiny`)."""
   a = common.parse_arg(arg, tiny=False, steps=300, size="XL", kind="ddt", tok="",
-                       band0=False, progressive=False)
+                       band0=False, progressive=False, repa=0.0, dog=False)
   c = base(a.size, a.kind)
   if a.tiny:
     tiny(c, a.steps)
   c.latent.band0_only = a.band0
   c.latent.progressive.enabled = a.progressive
   c.tokenizer.workdir = a.tok
+  c.repa.weight = a.repa
+  if a.dog:
+    c.repa.dog_sigmas = DOG_SIGMAS
   return c

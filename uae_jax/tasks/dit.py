@@ -14,7 +14,14 @@ normalises the latent per element and takes one flow-matching step on it (docs/g
 says why on the fly rather than precomputed latents). Which latent (the tokenizer's own, band 0
 only, or the progressive DCT schedule) is `config.latent` (uae_jax/generate/views.py); the
 start-of-run weights may come from an official DiT^DH checkpoint (`init.dit`).
+
+DoG-REPA (experimental, `config.repa`, off at weight 0): the hidden state of body block
+`repa.depth` goes through a 3-layer SiLU MLP projector (params under `params['repa_projector']`,
+trained and EMA'd with the DiT, dropped when sampling) and is aligned by 1 - cosine to the frozen
+tokenizer's encoder features of the same (flipped, clean) images, optionally difference-of-
+Gaussians filtered (docs/spectrum_matching.md#dog-repa-experimental).
 """
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +36,7 @@ from uae_jax.generate import samplers
 from uae_jax.generate import sampling
 from uae_jax.generate import transport
 from uae_jax.generate import views
+from uae_jax.losses import spectrum
 from uae_jax.metric_writers import image_grid
 from uae_jax.models import dit as dit_lib
 from uae_jax.tasks import common
@@ -39,6 +47,26 @@ from uae_jax.tasks.common import compute_dtype, total_steps
 def build_model(config) -> nn.Module:
   """The DiT of `config.model`."""
   return dit_lib.build(config.model, compute_dtype(config))
+
+
+REPA_KEY = "repa_projector"   # the projector's entry in the DiT params
+REPA_TARGETS = ("encoder", "band0")
+
+
+def repa_on(config) -> bool:
+  """True when the DoG-REPA term is switched on (`repa.weight` > 0)."""
+  return "repa" in config and config.repa.weight > 0
+
+
+def build_projector(config) -> nn.Module:
+  """REPA's projector from the DiT hidden state to the target feature width."""
+  out_dim = latents.latent_shape(latents.tokenizer_config(config))[2]
+  return dit_lib.RepaProjector(config.repa.proj_dim, out_dim, dtype=compute_dtype(config))
+
+
+def dit_params(params) -> dict:
+  """The DiT's own params: the REPA projector (training only) dropped."""
+  return {k: v for k, v in params.items() if k != REPA_KEY} if REPA_KEY in params else params
 
 
 def build_tokenizer(config):
@@ -117,6 +145,33 @@ def validate(config) -> None:
     raise ConfigError(f"tokenizer.workdir={config.tokenizer.workdir!r} does not exist")
   if config.optim.decay_end_epochs < config.optim.constant_epochs:
     raise ConfigError("optim.decay_end_epochs must be >= optim.constant_epochs")
+  validate_repa(config, uae_cfg)
+
+
+def validate_repa(config, uae_cfg) -> None:
+  """Checks `config.repa` (only when switched on); ConfigError naming the key."""
+  if "repa" not in config or config.repa.weight == 0:
+    return
+  r = config.repa
+  if r.weight < 0:
+    raise ConfigError(f"repa.weight={r.weight} must be >= 0")
+  depth = dit_lib.SIZES[config.model.size].depth
+  if not 1 <= r.depth <= depth:
+    raise ConfigError(f"repa.depth={r.depth}: expected a body block in 1..{depth}")
+  _check_choice("repa.target", r.target, REPA_TARGETS)
+  if uae_cfg.get("task", "uae") != "uae":
+    raise ConfigError(f"repa needs a UAE tokenizer (its frozen semantic encoder); "
+                      f"{config.tokenizer.config} is a {uae_cfg.task}")
+  if r.target == "band0" and views.is_official(uae_cfg):
+    raise ConfigError("repa.target='band0' needs a paper-recipe UAE (the official one has no "
+                      "band split)")
+  if r.proj_dim < 1:
+    raise ConfigError(f"repa.proj_dim={r.proj_dim} must be >= 1")
+  if r.dog_sigmas is not None:
+    sig = tuple(r.dog_sigmas)
+    if len(sig) != 2 or not 0 <= sig[0] < sig[1]:
+      raise ConfigError(f"repa.dog_sigmas={sig}: expected (low, high) with 0 <= low < high "
+                        "(in DiT tokens), or None")
 
 
 def batch_spec(config) -> dict:
@@ -138,6 +193,10 @@ def init_state(config, rng) -> dict:
   k_model, k_state = jax.random.split(rng)
   params = build_model(config).init({"params": k_model, "label_dropout": k_model},
                                     *_dummy_inputs(config))["params"]
+  if repa_on(config):
+    hidden = jnp.zeros((1, 1, dit_lib.SIZES[config.model.size].dim), jnp.float32)
+    proj = build_projector(config).init(jax.random.fold_in(k_model, 1), hidden)["params"]
+    params = {**params, REPA_KEY: proj}
   tx, _ = make_optimizer(config)
   return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(k_state),
           "params": params, "ema": params, "opt": tx.init(params)}
@@ -166,8 +225,10 @@ def initialize(config, state: dict, ctx) -> dict:
     return state
   from uae_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
   logging.info("init: DiT params (%s) from %s", config.init.dit_which, config.init.dit)
-  params = ctx.place(dit_convert.load(config.init.dit, dict(config.model), config.init.dit_which),
-                     ctx.state_sh["params"])
+  loaded = dit_convert.load(config.init.dit, dict(config.model), config.init.dit_which)
+  params = ctx.place(loaded, dit_params(ctx.state_sh["params"]))
+  if REPA_KEY in state["params"]:  # the projector is new: keep its fresh init
+    params = {**params, REPA_KEY: state["params"][REPA_KEY]}
   return dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
 
 
@@ -194,13 +255,44 @@ def encode_batch(config, tokenizer, frozen, images, rng=None, count=None):
   The latent is the one `config.latent` selects; `count` is the progressive schedule's number
   of kept DCT coefficients at this step (None when the schedule is off).
   """
+  return encode_with_target(config, tokenizer, frozen, images, rng, count)[0]
+
+
+def repa_target_method(config):
+  """`fn(module, images)`: the frozen encoder features REPA aligns to, (B, H, W, D)."""
+  if config.repa.target == "band0":
+    return lambda m, images: m.split(m.encode(images))[0]
+  return lambda m, images: m.encode(images)
+
+
+def encode_with_target(config, tokenizer, frozen, images, rng=None, count=None, target=False):
+  """(normalised latents, REPA target features or None) of one image batch, both frozen.
+
+  The flip (when `rng`) is shared, so the target features belong to the image the DiT sees.
+  """
   if rng is not None and config.train.hflip:
     flip = jax.random.bernoulli(rng, 0.5, (images.shape[0],))
     images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
   from uae_jax.models import uae as uae_lib  # pylint: disable=g-import-not-at-top
   method = views.tokenize_method(config, isinstance(tokenizer, uae_lib.OfficialUAE))
-  z = tokenizer.apply({"params": frozen["tokenizer"]}, images, count, method=method)
-  return jax.lax.stop_gradient(latents.normalise(z.astype(jnp.float32), frozen["stats"]))
+  if target:  # one apply: XLA's CSE shares the encoder pass of the latent and of the target
+    latent_fn, feats_fn = method, repa_target_method(config)
+    method = lambda m, im, c: (latent_fn(m, im, c), feats_fn(m, im))
+    z, feats = tokenizer.apply({"params": frozen["tokenizer"]}, images, count, method=method)
+    feats = jax.lax.stop_gradient(tokens_on_grid(feats.astype(jnp.float32), config))
+  else:
+    z = tokenizer.apply({"params": frozen["tokenizer"]}, images, count, method=method)
+    feats = None
+  return jax.lax.stop_gradient(latents.normalise(z.astype(jnp.float32), frozen["stats"])), feats
+
+
+def tokens_on_grid(feats, config):
+  """Features (B, H, W, D) -> (B, g*g, D) row-major tokens on the DiT's g x g token grid.
+
+  The encoder grid is the latent grid, g = H / patch_size: average pooling over each patch.
+  """
+  p = config.model.patch_size
+  return einops.reduce(feats, "b (h p) (w q) d -> b (h w) d", "mean", p=p, q=p)
 
 
 def class_labels(config, labels):
@@ -209,15 +301,45 @@ def class_labels(config, labels):
   return jnp.where((labels >= 0) & (labels < n), labels, n).astype(jnp.int32)
 
 
-def loss_fn(config, model, params, x1, labels, rng, train: bool = True):
-  """(flow-matching loss, (per-sample MSE, t)) of the DiT on normalised latents x1."""
+def loss_fn(config, model, params, x1, labels, rng, train: bool = True, target=None):
+  """(loss, (per-sample MSE, t, extra metrics)) of the DiT on normalised latents x1.
+
+  With REPA on and `target` (B, N, D) frozen features, loss = flow matching + repa.weight *
+  (1 - mean token cosine) and the extras are {'fm_loss', 'repa_loss'}; otherwise the plain
+  flow-matching loss and no extras.
+  """
   k_t, k_drop = jax.random.split(rng)
-  apply = lambda x_t, t: model.apply({"params": params}, x_t, t, labels, train=train,
-                                     rngs={"label_dropout": k_drop})
+  repa = target is not None and repa_on(config)
+  captured = {}
+
+  def apply(x_t, t):
+    """The DiT at (x_t, t); with REPA it also keeps the body's hidden state in `captured`."""
+    if not repa:
+      return model.apply({"params": params}, x_t, t, labels, train=train,
+                         rngs={"label_dropout": k_drop})
+    v, captured["hidden"] = model.apply({"params": dit_params(params)}, x_t, t, labels,
+                                        train=train, rngs={"label_dropout": k_drop},
+                                        return_hidden=config.repa.depth)
+    return v
+
   loss, per, t = transport.flow_matching_loss(
       apply, x1, k_t, config.transport.time_dist, sampling.time_shift_alpha(config),
       config.transport.prediction)
-  return loss, (per, t)
+  if not repa:
+    return loss, (per, t, {})
+  r = repa_term(config, params[REPA_KEY], captured["hidden"], target)
+  return loss + config.repa.weight * r, (per, t, {"fm_loss": loss, "repa_loss": r})
+
+
+def repa_term(config, proj_params, hidden, target):
+  """1 - mean cosine between projected DiT tokens and the (DoG-filtered) frozen target tokens.
+
+  REPA's negative cosine shifted by 1 (0 at perfect alignment; the gradient is the same).
+  """
+  projected = build_projector(config).apply({"params": proj_params}, hidden)
+  sig = config.repa.dog_sigmas
+  g = config.model.input_size // config.model.patch_size
+  return 1.0 + spectrum.repa_loss(projected, target, None if sig is None else tuple(sig), (g, g))
 
 
 def ema_update(config, ema, params):
@@ -239,11 +361,12 @@ def make_train_step(config):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_flip, k_loss = jax.random.split(rng)
     count = band_count(schedule, step)
-    x1 = encode_batch(config, tokenizer, frozen, batch["image"], k_flip, count)
+    x1, target = encode_with_target(config, tokenizer, frozen, batch["image"], k_flip, count,
+                                    target=repa_on(config))
     labels = class_labels(config, batch["label"])
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(config, model, p, x1, labels, k_loss),
-                                 has_aux=True)
-    (loss, (per, t)), grads = grad_fn(state["params"])
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(config, model, p, x1, labels, k_loss,
+                                                   target=target), has_aux=True)
+    (loss, (per, t, extra)), grads = grad_fn(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(state, step=step + 1, params=params, opt=opt,
@@ -252,7 +375,7 @@ def make_train_step(config):
     metrics = dict(loss=loss, lr=sched(step), t_mean=jnp.mean(t), latent_std=jnp.std(x1),
                    loss_t_hi=jnp.sum(per * late) / jnp.maximum(jnp.sum(late), 1.0),
                    loss_t_lo=jnp.sum(per * (1 - late)) / jnp.maximum(jnp.sum(1 - late), 1.0),
-                   **common.norm_metrics(grads, params, updates))
+                   **extra, **common.norm_metrics(grads, params, updates))
     if count is not None:
       metrics["band_count"] = count.astype(jnp.float32)
     return new_state, metrics
@@ -289,7 +412,8 @@ class Evaluator:
     gen = sampling.make_generate(self.model, self.tokenizer, self.config.transport.prediction,
                                  spec, self.config.model.num_classes,
                                  decode=views.decode_method(self.config))
-    return jax.jit(lambda p, tok, st, noise, y, rng: gen(p, None, tok, st, noise, y, rng),
+    return jax.jit(lambda p, tok, st, noise, y, rng: gen(dit_params(p), None, tok, st, noise, y,
+                                                         rng),
                    out_shardings=self.ctx.replicated)
 
   def _eval_loss(self, params, frozen, images, labels, mask, rng, step):
@@ -299,7 +423,7 @@ class Evaluator:
     """
     count = band_count(self._schedule, step)
     x1 = encode_batch(self.config, self.tokenizer, frozen, images, None, count)
-    _, (per, _) = loss_fn(self.config, self.model, params, x1, class_labels(self.config, labels),
+    _, (per, _, _) = loss_fn(self.config, self.model, params, x1, class_labels(self.config, labels),
                           rng, train=False)
     m = mask.astype(jnp.float32)
     return jnp.sum(per * m), jnp.sum(m)
