@@ -1,7 +1,7 @@
 """DiT benchmarks: train-step and sampling throughput here, the full DiT^DH-XL step compiled for a pod.
 
     python -m bench.dit                    # CPU rows (tiny, mid) + sampling + XL compiled at 8 devices
-    python -m bench.dit --xl-devices 8,256 # also the 256-device compile (slow on a small machine)
+    python -m bench.dit --xl-devices 8,1x128,2x128  # also 128 and 256 devices (8 min each here)
     python -m bench.dit --no-xl            # only the measured CPU rows
 
 Measured rows time the DiT step alone (AdamW + EMA, flow-matching loss on random normalised
@@ -118,8 +118,13 @@ def measure_sampling(config, batch: int, num_points: int = 50, scale: float = 1.
               seconds=round(dt, 2), images_per_s=round(batch / dt, 2), loadavg=_load())
 
 
-def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16") -> dict:
-  """Compiles (not runs) the DiT^DH-XL step on `n_devices` fake devices; memory and FLOPs."""
+def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16",
+               data: int = 1) -> dict:
+  """Compiles (not runs) the DiT^DH-XL step on `n_devices` fake devices; memory and FLOPs.
+
+  Mesh `data` x `n_devices / data` (FSDP). The body is 1152 = 2^7 x 9 wide, so with more than
+  128 FSDP devices its `embed` dimension does not divide and is replicated: use data=2 at 256.
+  """
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -129,7 +134,7 @@ def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16
   from uae_jax.tasks import dit as dit_task
   config = _config("XL", "DH", 16, 768, per_device_batch * n_devices)
   config.compute_dtype = dtype
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": -1})
+  mesh = sharding_lib.make_mesh({"data": data, "fsdp": -1})
   boxed = jax.eval_shape(lambda k: dit_task.init_state(config, k), jax.random.key(0))
   state_sh = sharding_lib.logical_shardings(boxed, mesh, config.sharding_rules)
   state_abs = sharding_lib.abstract_with_shardings(nn.unbox(boxed), state_sh)
@@ -145,7 +150,8 @@ def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16
   mem = compiled.memory_analysis()
   state_bytes = sum(int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize
                     for s in jax.tree.leaves(state_abs))
-  out = dict(row="xl_compiled", devices=n_devices, global_batch=b, compute_dtype=dtype,
+  out = dict(row="xl_compiled", devices=n_devices, mesh=f"{data}x{n_devices // data}",
+             global_batch=b, compute_dtype=dtype,
              compile_s=round(compile_s, 1), tflops_per_device=round(flops / 1e12, 3),
              state_gib_per_device=round(state_bytes / 2**30, 3), loadavg=_load())
   for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):
@@ -156,29 +162,35 @@ def compile_xl(n_devices: int, per_device_batch: int = 4, dtype: str = "bfloat16
   return out
 
 
-def _subprocess_xl(n: int) -> dict:
-  """compile_xl(n) in a fresh process with n fake CPU devices."""
+def _subprocess_xl(mesh: str) -> dict:
+  """compile_xl on a 'DATAxFSDP' mesh (or 'N' = 1xN) in a fresh process with fake CPU devices."""
+  data, _, fsdp = mesh.rpartition("x")
+  data, n = int(data or 1), int(data or 1) * int(fsdp)
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  code = f"import json; from bench.dit import compile_xl; print('XL ' + json.dumps(compile_xl({n})))"
+  code = ("import json; from bench.dit import compile_xl; "
+          f"print('XL ' + json.dumps(compile_xl({n}, data={data})))")
   res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=REPO, check=False)
   for line in res.stdout.splitlines():
     if line.startswith("XL "):
       return json.loads(line[3:])
-  return dict(row="xl_compiled", devices=n, error=res.stderr.strip().splitlines()[-1:])
+  return dict(row="xl_compiled", devices=n, mesh=f"{data}x{n // data}",
+              error=res.stderr.strip().splitlines()[-1:])
 
 
 def main():
   """Runs the rows asked for and prints them."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--steps", type=int, default=5)
-  ap.add_argument("--xl-devices", default="8")
+  ap.add_argument("--xl-devices", default="8",
+                  help="comma-separated meshes of the XL compile: N (= 1xN) or DATAxFSDP, "
+                       "e.g. 8,1x128,2x128")
   ap.add_argument("--no-xl", action="store_true")
   a = ap.parse_args()
   rows = []
   if not a.no_xl:  # first: the subprocesses need the machine more than the measured rows
-    rows += [_subprocess_xl(int(n)) for n in a.xl_devices.split(",") if n]
+    rows += [_subprocess_xl(m) for m in a.xl_devices.split(",") if m]
     for r in rows:
       print("ROW " + json.dumps(r), flush=True)
   sys.path.insert(0, REPO)

@@ -5,7 +5,13 @@
     configs/dit_digits.py         the tiny DiT^DH on that UAE's 8 x 8 x 64 latents, 10 classes
 
 Arguments: `uae` (the tokenizer config), `steps=N` (either part's training steps), `tok=UAE_RUN`.
-The DiT uses 2 x 2 patches of the 8 x 8 latent (16 tokens) to fit a few CPU minutes.
+The DiT uses 2 x 2 patches of the 8 x 8 latent (16 tokens) to fit a few CPU minutes. Both parts
+read whole digits (`input.train_crop="center"`, no flip): the official random crop of the
+1.5x-upscaled image would cut them.
+
+    python -m uae_jax.main --config=configs/dit_digits.py:uae,steps=150 --workdir=runs/demo_generate/uae
+    python -m uae_jax.main --config=configs/dit_digits.py:steps=3000,tok=runs/demo_generate/uae \
+        --workdir=runs/demo_generate/dit
 The digits are written once as ArrayRecord train (first 1437) / test (last 360) splits under
 $UAE_JAX_CACHE/digits/v1 (the same files as `configs/qgvae.py:digits`).
 """
@@ -26,6 +32,7 @@ def digits_input(c) -> None:
   c.input.data_dir = os.path.join(os.environ.get("UAE_JAX_CACHE") or os.path.join(
       os.path.expanduser("~"), ".cache", "uae_jax"), "digits", "v1")
   c.input.image_size = IMAGE_SIZE
+  c.input.train_crop = "center"                  # whole digits: a random crop would cut them
   c.input.num_threads = 2
   c.num_train_examples = DIGITS_TRAIN
 
@@ -62,4 +69,12 @@ def get_config(arg=None):
   c.input.eval_global_batch_size = 40
   c.model.class_dropout_prob = 0.1
   c.optim.update(peak_lr=2e-3, end_lr=2e-4, ema_decay=0.995)
+  c.sample.update(num_points=25, cfg_scale=4.0)
+  # The trainer's per-step overhead on a 2-core CPU: one checkpoint (the last step), metrics
+  # fetched every 100 steps, no image grids (the demo samples and judges itself), one eval batch.
+  c.ckpt.update(every_steps=a.steps, keep=1)
+  c.log_every_steps = min(100, a.steps)
+  c.image_every_steps = 0
+  c.eval_every_steps = a.steps
+  c.eval_batches = 1
   return c

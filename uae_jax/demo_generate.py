@@ -5,30 +5,30 @@
 1. The 1797 scikit-learn digits (10 classes), upscaled to 32 px, as ArrayRecord splits: train =
    the first 1437, test (held out) = the last 360 (built once, cached).
 2. A tiny UAE (`configs/dit_digits.py:uae`) trained by the one trainer in `<workdir>/uae`.
-3. Its latents (8 x 8 x 64) of the train digits, whole images (the eval transform: the trainer's
-   random train crops would cut digits), normalised with their exact per-element statistics.
-4. A tiny DiT^DH (`configs/dit_digits.py`) trained class-conditionally on the train latents with
-   the DiT task's own loss, optimiser and EMA (label dropout 0.1), in this process: the 1437
-   latents are computed once instead of re-encoded every step.
-5. Samples of every class, Euler on the shifted grid, without guidance and with CFG.
-6. The judge, independent of everything above: a scikit-learn MLP classifier trained on the real
+3. A tiny DiT^DH (`configs/dit_digits.py`) trained class-conditionally by the same trainer in
+   `<workdir>/dit` (checkpoints, metrics.jsonl, resume): each step encodes its batch of whole
+   train digits (`input.train_crop="center"`; a random crop would cut them) with the frozen UAE
+   and normalises the 8 x 8 x 64 latents with their exact per-element statistics, computed in
+   one pass over the train split on first use (`<workdir>/uae/latent_stats_*.npz`).
+4. Samples of every class with `python -m uae_jax.generate sample`'s library function (Euler on
+   the shifted grid), without guidance and with CFG, as ADM-format .npz files in `<workdir>`.
+5. The judge, independent of everything above: a scikit-learn MLP classifier trained on the real
    train images (16 x 16 grey); its accuracy on the held-out images is the reference. Reported:
    the fraction of samples it recognises as their requested class (chance 10 %), and the
    Frechet distance in its hidden-layer features between the samples and the held-out images,
    next to the same distance between held-out and train images (the floor).
-`<workdir>/summary.md` (+ summary.json, samples_grid.png) holds the numbers and the grid.
+`<workdir>/summary.md` (+ summary.json, samples_grid.png) holds the numbers and the grid. A
+second run resumes the UAE and DiT runs (or skips them when finished) and samples again.
 """
 import json
 import os
+import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app
 from absl import flags
-from absl import logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo_generate", "Output directory.")
 _UAE_STEPS = flags.DEFINE_integer("uae_steps", 150, "Training steps of the tiny UAE.")
@@ -64,75 +64,62 @@ def train_tokenizer(workdir: str, steps: int) -> str:
   return wd
 
 
-def encode_all(config, images: np.ndarray, batch: int = 200):
-  """Normalised latents of the train `images` and (tokenizer, params, stats).
+def train_dit(workdir: str, tok_workdir: str, steps: int, seed: int) -> str:
+  """Trains (or resumes, or skips) the tiny DiT^DH with the trainer in `<workdir>/dit`."""
+  from configs import dit_digits  # pylint: disable=g-import-not-at-top
+  from uae_jax import train  # pylint: disable=g-import-not-at-top
+  wd = os.path.join(workdir, "dit")
+  done = os.path.join(wd, "summary.json")
+  if os.path.exists(done) and json.load(open(done)).get("final_step") == steps:
+    return wd
+  config = dit_digits.get_config(f"steps={steps},tok={tok_workdir}")
+  config.seed = seed
+  train.train_and_evaluate(config, wd)
+  return wd
 
-  The statistics are the exact per-element mean and variance of these latents (float64), the
-  same numbers `python -m uae_jax.generate stats` computes over the split without mirroring.
+
+def dit_losses(dit_workdir: str) -> list:
+  """(step, train loss) pairs the trainer wrote to `<dit_workdir>/metrics.jsonl`."""
+  path = os.path.join(dit_workdir, "metrics.jsonl")
+  out = []
+  if os.path.exists(path):
+    for line in open(path):
+      rec = json.loads(line)
+      if "loss" in rec and "step" in rec:
+        out.append((int(rec["step"]), round(float(rec["loss"]), 4)))
+  return out
+
+
+def generate(dit_workdir: str, per_class: int, scale: float, seed: int) -> tuple:
+  """(uint8 images, requested labels): `python -m uae_jax.generate sample` as a library call.
+
+  Equal label sampling (`per_class` of each digit), Euler on the config's grid, CFG `scale` on
+  the whole interval (1 = no guidance). The same `seed` gives every setting the same noise.
   """
-  from uae_jax.generate import latents  # pylint: disable=g-import-not-at-top
+  from uae_jax.generate import cli  # pylint: disable=g-import-not-at-top
+  num = 10 * per_class
+  name = "samples_noguide.npz" if scale == 1.0 else f"samples_cfg{scale:g}.npz"
+  out = os.path.join(os.path.dirname(dit_workdir), name)
+  args = cli.parser().parse_args([
+      "sample", f"--workdir={dit_workdir}", f"--out={out}", f"--num={num}", f"--batch={num}",
+      "--guidance=" + ("none" if scale == 1.0 else "cfg"), f"--cfg-scale={scale}",
+      "--cfg-interval=0,1", "--label-sampling=equal", f"--seed={seed}"])
+  shutil.rmtree(out + ".parts", ignore_errors=True)  # chunks of an earlier DiT: never reused
+  cli.sample(args)
+  with np.load(out, allow_pickle=False) as f:
+    return f["arr_0"], f["arr_1"].astype(np.int32)
+
+
+def reconstruct(tok_workdir: str, images: np.ndarray) -> np.ndarray:
+  """The trained tiny UAE's reconstructions of `images`, clipped to [0, 1]."""
+  from configs import dit_digits  # pylint: disable=g-import-not-at-top
   from uae_jax.tasks import dit as dit_task  # pylint: disable=g-import-not-at-top
+  from uae_jax.generate import latents  # pylint: disable=g-import-not-at-top
+  config = dit_digits.get_config(f"tok={tok_workdir}")
   uae_cfg, tokenizer = dit_task.build_tokenizer(config)
   tok = latents.load_tokenizer_params(config, uae_cfg)
-  fn = jax.jit(lambda p, x: tokenizer.apply({"params": p}, x, method="tokenize"))
-  z = np.concatenate([np.asarray(fn(tok, images[i:i + batch]), np.float64)
-                      for i in range(0, len(images), batch)])
-  stats = {"mean": z.mean(0).astype(np.float32),
-           "std": np.sqrt(z.var(0) + latents.STATS_EPS).astype(np.float32)}
-  return latents.normalise(z, stats).astype(np.float32), (tokenizer, tok, stats)
-
-
-# ------------------------------------------------------------------------------ the DiT
-def train_dit(config, z: np.ndarray, labels: np.ndarray, steps: int, seed: int):
-  """EMA params of the tiny DiT^DH after `steps` class-conditional flow-matching steps."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from uae_jax.tasks import dit as dit_task  # pylint: disable=g-import-not-at-top
-  model = dit_task.build_model(config)
-  tx, _ = dit_task.make_optimizer(config)
-  x0, t0, y0 = dit_task._dummy_inputs(config)  # pylint: disable=protected-access
-  params = nn.unbox(jax.jit(model.init)({"params": jax.random.key(seed),
-                                         "label_dropout": jax.random.key(seed)}, x0, t0, y0))
-  params = params["params"]
-  state = (params, jax.tree.map(jnp.copy, params), tx.init(params))
-
-  @jax.jit
-  def step(state, x1, y, rng):
-    params, ema, opt = state
-    grad_fn = jax.value_and_grad(lambda p: dit_task.loss_fn(
-        config, model, p, x1, dit_task.class_labels(config, y), rng), has_aux=True)
-    (loss, _), grads = grad_fn(params)
-    updates, opt = tx.update(grads, opt, params)
-    params = optax.apply_updates(params, updates)
-    return (params, dit_task.ema_update(config, ema, params), opt), loss
-
-  rng = np.random.default_rng(seed)
-  key = jax.random.key(seed + 1)
-  bs, losses = config.input.global_batch_size, []
-  for i in range(steps):
-    idx = rng.integers(0, len(z), bs)
-    state, loss = step(state, z[idx], labels[idx], jax.random.fold_in(key, i))
-    if i % 100 == 0 or i == steps - 1:
-      losses.append((i, float(loss)))
-      logging.info("DiT step %d/%d: loss %.4f", i, steps, float(loss))
-  return state[1], losses
-
-
-def generate(config, ema, tok_bundle, per_class: int, scale: float, seed: int) -> tuple:
-  """(uint8 images (10 * per_class, S, S, 3), requested labels) with CFG `scale` (1 = none)."""
-  from uae_jax.generate import sampling  # pylint: disable=g-import-not-at-top
-  from uae_jax.tasks import dit as dit_task  # pylint: disable=g-import-not-at-top
-  tokenizer, tok, stats = tok_bundle
-  n_cls = config.model.num_classes
-  mode = "cfg" if scale != 1.0 else "none"
-  spec = sampling.sampler_spec(config, mode=mode, scale=scale, t_min=0.0, t_max=1.0)
-  gen = jax.jit(sampling.make_generate(dit_task.build_model(config), tokenizer,
-                                       config.transport.prediction, spec, n_cls))
-  labels = np.repeat(np.arange(n_cls, dtype=np.int32), per_class)
-  m = config.model
-  noise = jax.random.normal(jax.random.key(seed), (len(labels), m.input_size, m.input_size,
-                                                   m.in_channels))
-  images = gen(ema, None, tok, stats, noise, labels, jax.random.key(seed + 1))
-  return np.asarray(images), labels
+  fn = jax.jit(lambda p, x: tokenizer.apply({"params": p}, x, method="reconstruct"))
+  return np.clip(np.asarray(fn(tok, images)), 0, 1)
 
 
 # ------------------------------------------------------------------------------ the judge
@@ -224,21 +211,18 @@ def run_demo(workdir: str, uae_steps: int, dit_steps: int, per_class: int, cfg_s
   config = dit_digits.get_config(f"steps={dit_steps}")
   qgvae.build_digits_dataset(config.input.data_dir, dit_digits.IMAGE_SIZE)
   t = time.time()
-  config.tokenizer.workdir = train_tokenizer(workdir, uae_steps)
+  tok_wd = train_tokenizer(workdir, uae_steps)
   t = tick("tokenizer", t)
+  dit_wd = train_dit(workdir, tok_wd, dit_steps, seed)
+  t = tick("dit", t)
+  sets = [generate(dit_wd, per_class, s, seed + 42) for s in (1.0, cfg_scale)]
+  t = tick("sampling", t)
   train_x, train_y = load_split(config, "train")
   test_x, test_y = load_split(config, "test")
-  z, tok_bundle = encode_all(config, train_x)
-  t = tick("latents", t)
-  ema, losses = train_dit(config, z, train_y, dit_steps, seed)
-  t = tick("dit", t)
-  sets = [generate(config, ema, tok_bundle, per_class, s, seed + 7) for s in (1.0, cfg_scale)]
-  t = tick("sampling", t)
   judge = Judge(train_x, train_y, seed)
-  recon = jax.jit(lambda p, x: tok_bundle[0].apply({"params": p}, x, method="reconstruct"))
-  recon_x = np.clip(np.asarray(recon(tok_bundle[1], test_x)), 0, 1)
   rows = [_row("held-out real (Frechet vs train: the floor)", judge, test_x, test_y, train_x),
-          _row("UAE reconstructions of held-out", judge, recon_x, test_y, test_x),
+          _row("UAE reconstructions of held-out", judge, reconstruct(tok_wd, test_x), test_y,
+               test_x),
           _row("DiT samples, no guidance", judge, *sets[0], test_x),
           _row(f"DiT samples, CFG {cfg_scale}", judge, *sets[1], test_x)]
   tick("judge", t)
@@ -249,8 +233,8 @@ def run_demo(workdir: str, uae_steps: int, dit_steps: int, per_class: int, cfg_s
              "frechet_floor": rows[0]["frechet_vs_heldout"], "n_train": int(len(train_x)),
              "n_heldout": int(len(test_x)), "cfg_scale": cfg_scale, "uae_steps": uae_steps,
              "dit_steps": dit_steps, "dit_batch": config.input.global_batch_size,
-             "num_points": config.sample.num_points, "dit_loss": losses, "seconds": secs,
-             "seconds_total": time.time() - t_start,
+             "num_points": config.sample.num_points, "dit_loss": dit_losses(dit_wd),
+             "seconds": secs, "seconds_total": time.time() - t_start,
              "loadavg": [round(x, 2) for x in os.getloadavg()]}
   json.dump(summary, open(os.path.join(workdir, "summary.json"), "w"), indent=1)
   with open(os.path.join(workdir, "summary.md"), "w") as f:

@@ -19,6 +19,9 @@ def default_input_config() -> ml_collections.ConfigDict:
   # array_record only: explicit shard files or globs (list or comma-separated); overrides data_dir.
   c.paths = ''
   c.image_size = 256
+  # Train transform: 'random' (shorter side to 1.5 x size, random crop: the official recipe) or
+  # 'center' (the eval transform, ADM centre crop: whole images, e.g. small centred digits).
+  c.train_crop = 'random'
   c.global_batch_size = 512  # Split evenly over JAX processes.
   c.eval_global_batch_size = 0  # 0 = global_batch_size.
   c.eval_max_examples = 0  # > 0 evaluates only the first N records of the eval split.

@@ -7,7 +7,8 @@ Train (per process ``p`` of ``P``)::
     .repeat(num_epochs)                       epochs continue through the slices (Grain keeps the
                                               epoch number in the index, so each epoch reshuffles)
     -> read + decode (bad records replaced)   `_ReadDecode`
-    .random_map(train transform)              rng from Grain: fixed by (seed, position)
+    .random_map(train transform)              rng from Grain: fixed by (seed, position);
+                                              `input.train_crop='center'`: the eval transform
     .batch(global_batch // P, drop_remainder=True)
     .to_iter_dataset(ReadOptions(threads, prefetch))
     .mp_prefetch(MultiprocessingOptions(num_workers))   skipped when num_workers == 0
@@ -124,12 +125,17 @@ class _ReadDecode(grain.MapDataset):
                        f'stream position {index}; the dataset looks broken (see the warnings above)')
 
 
-def _train_element(size: int) -> Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]:
-  """The per-element train transform for `random_map`."""
+def _train_element(size: int, crop: str = 'random'
+                   ) -> Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]:
+  """The per-element train transform for `random_map` (`crop`: 'random' or 'center')."""
+  if crop not in ('random', 'center'):
+    raise ValueError(f"input.train_crop={crop!r}: expected 'random' or 'center'")
 
   def fn(elem: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """Random-crops one decoded record to float32 (size, size, 3)."""
-    return {'image': transforms.train_transform(elem['image'], size, rng),
+    """Crops one decoded record (random or ADM centre crop) to float32 (size, size, 3)."""
+    image = (transforms.train_transform(elem['image'], size, rng) if crop == 'random'
+             else transforms.eval_transform(elem['image'], size))
+    return {'image': image,
             'label': np.int32(elem['label']), 'index': np.int32(elem['index']),
             _ERROR_KEY: np.int32(elem[_ERROR_KEY])}
 
@@ -216,7 +222,7 @@ def make_train_dataset(input_config: ml_collections.ConfigDict, *, source: Any =
   ds = grain.MapDataset.range(n).seed(int(cfg.shuffle_seed)).shuffle()
   ds = ds[:usable][pi::pc].repeat(num_epochs)
   ds = _ReadDecode(ds, src, substitute=True)
-  ds = ds.random_map(_train_element(int(cfg.image_size)))
+  ds = ds.random_map(_train_element(int(cfg.image_size), str(cfg.get('train_crop', 'random'))))
   ds = ds.batch(batch, drop_remainder=True)
   return _to_iter(ds, cfg, 'train', keep_index)
 
