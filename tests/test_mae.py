@@ -108,8 +108,10 @@ def test_mae_blocks_match_hf(hf_mae, size):
   assert info["style"] == "hf5" and arch["pos_embed_grid"] == 8 and arch["ln_eps"] == 1e-12
   assert arch["final_norm_affine"] and "pos_embed" not in params  # the table is a constant
   x = _images(size)
-  grid, blocks, cls = mae_lib.Mae(**{**arch, "input_size": size}).apply(
-      {"params": params}, jnp.asarray(x), return_blocks=True, return_cls=True)
+  model = mae_lib.Mae(**{**arch, "input_size": size})
+  # jit: one compile is cheaper here than eager dispatch compiling every op for a new shape.
+  grid, blocks, cls = jax.jit(lambda p, v: model.apply(p, v, return_blocks=True, return_cls=True))(
+      {"params": params}, jnp.asarray(x))
   ref = _hf_forward(hf_mae, _nchw(x), output_hidden_states=True)
   g = size // 16
   # The identity shuffle keeps every token in row-major order.
@@ -206,7 +208,7 @@ def test_registry_load_resized_input_scanned_equals_unrolled(hf_mae, tmp_path):
     c = dict(cfg, scan_blocks=scan)
     params = encoders.load(out, c)
     assert ("blocks" in params) == scan and "norm" not in params
-    outs.append(np.asarray(encoders.build(c).apply({"params": params}, jnp.asarray(x))))
+    outs.append(np.asarray(jax.jit(encoders.build(c).apply)({"params": params}, jnp.asarray(x))))
   assert _maxdiff(outs[0], outs[1]) <= 1e-5 * np.abs(outs[0]).max()
   xr = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
                                        size=(128, 128), mode="bicubic", align_corners=False)
@@ -236,6 +238,14 @@ def test_registry_full_size_and_official_recipe():
   assert leaves and all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
   n = sum(int(np.prod(v.value.shape)) for v in leaves)
   assert 8.55e7 < n < 8.6e7, n  # ViT-B/16 encoder ~85.8M without the fixed table and final affine
+  # Scan + remat + bf16 compute (as the UAE builds it) trace to a bf16 grid of the same shape.
+  tiny = dict(cfg, **encoders.TINY["mae"], scan_blocks=True, remat_policy="full")
+  enc = encoders.build(tiny, dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  v = jax.eval_shape(enc.init, jax.random.key(0), x)
+  assert v["params"]["blocks"]["norm1"]["scale"].value.shape == (2, 64)
+  out = jax.eval_shape(enc.apply, nn.unbox(v), x)
+  assert out.shape == (1, 8, 8, 64) and out.dtype == jnp.bfloat16
 
 
 def test_stage_configs_with_mae():
@@ -277,7 +287,7 @@ def test_spectrum_semantic_encoder_goes_through_the_registry(hf_mae, tmp_path):
   from uae_jax.evaluate import spectrum
   hf_mae.save_pretrained(tmp_path / "hf")
   x = _images(128)
-  feats = spectrum.semantic_encoder("mae", str(tmp_path / "hf"))(jnp.asarray(x))
+  feats = jax.jit(spectrum.semantic_encoder("mae", str(tmp_path / "hf")))(jnp.asarray(x))
   assert set(feats) == {"mae"} and feats["mae"].shape == (2, spectrum.GRID, spectrum.GRID, 64)
   ref = _hf_forward(hf_mae, _nchw(x)).last_hidden_state[:, 1:].numpy().reshape(2, 8, 8, 64)
   want = linear_probe.adaptive_avg_pool(jnp.asarray(ref), spectrum.GRID)
