@@ -63,17 +63,21 @@ def _old_loss_fn(config, model, params, x1, labels, rng, train=True):
 def test_repa_off_is_the_plain_step(setup):
   c_on, model, params, x1, labels, target, rng = setup
   off = _config(weight=0.0)
-  p_off, p_on = _init_params(off), _init_params(c_on)
-  assert dit_task.REPA_KEY not in p_off and dit_task.REPA_KEY in p_on
-  # The DiT's own init does not depend on REPA.
-  jax.tree.map(np.testing.assert_array_equal, p_off, dit_task.dit_params(p_on))
+  shapes = lambda c: jax.eval_shape(lambda k: nn.unbox(dit_task.init_state(c, k)),
+                                    jax.random.key(0))
+  s_off, s_on = shapes(off), shapes(c_on)
+  assert dit_task.REPA_KEY not in s_off["params"] and dit_task.REPA_KEY in s_on["params"]
+  # The DiT's own params are the same tree with REPA on (the projector is an extra entry).
+  assert jax.tree.structure(s_off["params"]) == \
+      jax.tree.structure(dit_task.dit_params(s_on["params"]))
   params = dit_task.dit_params(params)
   new = lambda p: dit_task.loss_fn(off, model, p, x1, labels, rng, target=target)[0]
   old = lambda p: _old_loss_fn(off, model, p, x1, labels, rng)[0]
   # The same program (so the same loss and, differentiated, the same gradients, bit for bit).
   assert str(jax.make_jaxpr(new)(params)) == str(jax.make_jaxpr(old)(params))
-  _, (_, _, extra) = dit_task.loss_fn(off, model, params, x1, labels, rng, target=target)
-  assert extra == {}
+  out = jax.eval_shape(lambda p: dit_task.loss_fn(off, model, p, x1, labels, rng, target=target),
+                       params)
+  assert out[1][2] == {}
 
 
 def _np_mlp(p, h):
@@ -85,9 +89,10 @@ def _np_mlp(p, h):
 
 def test_repa_term_matches_numpy(setup):
   c, model, params, x1, labels, target, rng = setup
-  total, (_, _, extra) = dit_task.loss_fn(c, model, params, x1, labels, rng, train=False,
-                                          target=target)
-  fm_off, _ = _old_loss_fn(c, model, dit_task.dit_params(params), x1, labels, rng, train=False)
+  total, (_, _, extra) = jax.jit(lambda p: dit_task.loss_fn(c, model, p, x1, labels, rng,
+                                                            train=False, target=target))(params)
+  fm_off, _ = jax.jit(lambda p: _old_loss_fn(c, model, p, x1, labels, rng, train=False))(
+      dit_task.dit_params(params))
   assert float(extra["fm_loss"]) == float(fm_off)
   np.testing.assert_allclose(float(total), float(fm_off) + 0.5 * float(extra["repa_loss"]),
                              rtol=1e-6)
@@ -98,10 +103,11 @@ def test_repa_term_matches_numpy(setup):
   t = transport.sample_t(k_tt, B, c.transport.time_dist, sampling.time_shift_alpha(c))
   x_t = transport.interpolate(x1, jax.random.normal(k_noise, x1.shape), t)
   dit = dit_task.dit_params(params)
-  v, inter = model.apply({"params": dit}, x_t, t, labels, capture_intermediates=True,
-                         mutable=["intermediates"])
+  v, inter = jax.jit(lambda p: model.apply({"params": p}, x_t, t, labels,
+                                           capture_intermediates=True,
+                                           mutable=["intermediates"]))(dit)
   hidden = np.asarray(inter["intermediates"]["blocks_0"]["__call__"][0])
-  v2, hidden2 = model.apply({"params": dit}, x_t, t, labels, return_hidden=1)
+  v2, hidden2 = jax.jit(lambda p: model.apply({"params": p}, x_t, t, labels, return_hidden=1))(dit)
   np.testing.assert_array_equal(np.asarray(v), np.asarray(v2))
   np.testing.assert_allclose(np.asarray(hidden2), hidden, rtol=1e-6, atol=1e-6)
   proj = _np_mlp(params[dit_task.REPA_KEY], hidden)
@@ -116,11 +122,11 @@ def test_scanned_body_hidden_state_equals_unrolled(setup):
   dit = scan_utils.stack_blocks(scan_utils.stack_blocks(dit_task.dit_params(params)),
                                 "head_blocks")
   t = jnp.asarray([0.3, 0.8])
-  for k in (1,):  # block 1 of 2: the carried copy, not the scan's final output
-    _, h_scan = scanned.apply({"params": dit}, x1, t, labels, return_hidden=k)
-    _, h_loop = model.apply({"params": dit_task.dit_params(params)}, x1, t, labels,
-                            return_hidden=k)
-    np.testing.assert_allclose(np.asarray(h_scan), np.asarray(h_loop), rtol=1e-5, atol=1e-5)
+  # Block 1 of 2: the scan's carried copy, not its final output.
+  hid = lambda m: jax.jit(lambda p: m.apply({"params": p}, x1, t, labels, return_hidden=1)[1])
+  np.testing.assert_allclose(np.asarray(hid(scanned)(dit)),
+                             np.asarray(hid(model)(dit_task.dit_params(params))),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_dog_equal_sigmas_zero_the_target(setup):
