@@ -28,6 +28,18 @@ from uae_jax.generate import views
 DOG_SIGMAS = (0.5, 2.0)
 
 
+def repa_defaults() -> ml_collections.ConfigDict:
+  """The `config.repa` section: DoG-REPA off (weight 0)."""
+  # REPA (experimental DoG variant): 1 - cosine between a 3-layer SiLU MLP projection of the
+  # hidden state after body block `depth` (REPA: 8 of SiT-XL's 28) and the frozen tokenizer's
+  # encoder features of the clean image ('encoder': the DINOv2 tokens; 'band0': their band 0),
+  # pooled to the DiT's token grid; `dog_sigmas` (low, high) in DiT tokens DoG-filters the
+  # target, None = plain REPA. weight 0 = off (the step is then exactly the plain one).
+  return ml_collections.ConfigDict(dict(
+      weight=0.0, depth=8, proj_dim=2048, target="encoder",
+      dog_sigmas=config_dict.placeholder(tuple)))
+
+
 def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
   """Full-size DiT config on ImageNet 256 px latents of a DINOv2-B UAE (16 x 16 x 768)."""
   c = ml_collections.ConfigDict()
@@ -68,14 +80,7 @@ def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
       shift_dim=-1,              # -1: H * W * C of the latent (196,608 -> alpha = 6.928)
       prediction="velocity"))    # 'velocity' | 'x' (clean-latent prediction, velocity loss)
 
-  # REPA (experimental DoG variant): 1 - cosine between a 3-layer SiLU MLP projection of the
-  # hidden state after body block `depth` (REPA: 8 of SiT-XL's 28) and the frozen tokenizer's
-  # encoder features of the clean image ('encoder': the DINOv2 tokens; 'band0': their band 0),
-  # pooled to the DiT's token grid; `dog_sigmas` (low, high) in DiT tokens DoG-filters the
-  # target, None = plain REPA. weight 0 = off (the step is then exactly the plain one).
-  c.repa = ml_collections.ConfigDict(dict(
-      weight=0.0, depth=8, proj_dim=2048, target="encoder",
-      dog_sigmas=config_dict.placeholder(tuple)))
+  c.repa = repa_defaults()
 
   c.sample = ml_collections.ConfigDict(dict(
       method="euler",            # 'euler' | 'heun' | 'rk4' | 'euler_maruyama'

@@ -67,6 +67,9 @@ def test_repa_off_is_the_plain_step(setup):
                                     jax.random.key(0))
   s_off, s_on = shapes(off), shapes(c_on)
   assert dit_task.REPA_KEY not in s_off["params"] and dit_task.REPA_KEY in s_on["params"]
+  boxed = jax.eval_shape(lambda k: dit_task.init_state(c_on, k), jax.random.key(0))["params"]
+  proj = jax.tree.leaves(boxed[dit_task.REPA_KEY], is_leaf=lambda a: isinstance(a, nn.Partitioned))
+  assert len(proj) == 6 and all(isinstance(a, nn.Partitioned) for a in proj)  # logical axes
   # The DiT's own params are the same tree with REPA on (the projector is an extra entry).
   assert jax.tree.structure(s_off["params"]) == \
       jax.tree.structure(dit_task.dit_params(s_on["params"]))

@@ -25,7 +25,8 @@ with u + v >= 2 (b - 1) - (k - 1) zeroed, inverse DCT. `k` is an array (drawn pe
 
 DoG-REPA (experimental, `dog_filter`, `repa_loss`): REPA's negative cosine between projected
 diffusion features and frozen encoder features, optionally on a difference-of-Gaussians filtered
-target. The paper gives no filter; the two sigmas are configuration.
+target. The paper gives no filter; the two sigmas are configuration (`repa.dog_sigmas` of the DiT
+trainer, which uses these as `uae_jax.tasks.dit.repa_term`).
 """
 from __future__ import annotations
 

@@ -260,6 +260,7 @@ def run_blocks(x, cond, rope, depth: int, name: str, scan: bool, remat_policy: O
     return scan_fn(block, x, cond, cos, sin)[0]
   # REPA: carry the hidden state of block `capture` along (O(1) memory, not a stack of depth).
   def body_capture(mdl, carry, c, co, si, i):
+    """One scanned block; keeps its output when it is block `capture`."""
     h, kept = carry
     h = mdl(h, c, co, si)
     return (h, jnp.where(i + 1 == capture, h, kept)), None
