@@ -423,8 +423,8 @@ class Evaluator:
     """
     count = band_count(self._schedule, step)
     x1 = encode_batch(self.config, self.tokenizer, frozen, images, None, count)
-    _, (per, _, _) = loss_fn(self.config, self.model, params, x1, class_labels(self.config, labels),
-                          rng, train=False)
+    labels = class_labels(self.config, labels)
+    _, (per, _, _) = loss_fn(self.config, self.model, params, x1, labels, rng, train=False)
     m = mask.astype(jnp.float32)
     return jnp.sum(per * m), jnp.sum(m)
 
