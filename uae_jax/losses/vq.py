@@ -101,11 +101,50 @@ def reset_codebook(codebook: Array, grad_mag: Array, rng: Array, eps: float = RE
   """
   moved, source = reset_plan(grad_mag, eps)
   src_codes = jnp.take_along_axis(codebook, source[..., None], axis=1)
-  noise = jax.random.uniform(rng, codebook.shape, codebook.dtype, -jitter, jitter)
+  noise = hash_uniform(rng, codebook.shape, -jitter, jitter).astype(codebook.dtype)
   new = jnp.where(moved[..., None], src_codes + noise, codebook)
   stats = {"dead": jnp.mean(jnp.sum(grad_mag <= 0.0, -1).astype(jnp.float32)),
            "moved": jnp.mean(jnp.sum(moved, -1).astype(jnp.float32))}
   return new, jnp.zeros_like(grad_mag), stats
+
+
+def _mix32(x: Array) -> Array:
+  """A 32-bit integer finaliser (Wellons' 'lowbias32'): every input bit flips ~half the output."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def hash_bits(rng: Array, shape: tuple) -> Array:
+  """uint32 bits of `shape` from a counter hash of (element index, the key's bits).
+
+  The step's randomness (tail dropout, the reset's jitter) comes from here rather than from
+  `jax.random`: each Threefry draw, split or fold_in puts a Threefry loop into the compiled step
+  and XLA:CPU spends seconds compiling each one (docs/qgvae.md, compile time). Elementwise in the
+  global index, so the values do not depend on sharding, and a resumed run repeats them.
+  """
+  seed = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
+  idx = jnp.zeros(shape, jnp.uint32)
+  for axis in range(len(shape)):
+    idx = idx * jnp.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return _mix32(_mix32(idx ^ seed[0]) ^ seed[-1])
+
+
+def hash_uniform(rng: Array, shape: tuple, minval: float = 0.0, maxval: float = 1.0) -> Array:
+  """U(minval, maxval) float32 of `shape` from `hash_bits` (24 random bits per value)."""
+  unit = (hash_bits(rng, shape) >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+  return minval + (maxval - minval) * unit
+
+
+def hash_fold_in(rng: Array, data) -> Array:
+  """A new key of the same kind from `rng` and an integer (the step), without Threefry."""
+  words = jax.random.key_data(rng).astype(jnp.uint32)
+  d = jnp.asarray(data).astype(jnp.uint32)
+  salt = jnp.asarray([0x9E3779B9, 0x85EBCA6B], jnp.uint32)[: words.shape[-1]]
+  mixed = _mix32(_mix32(words ^ d) + salt)
+  return jax.random.wrap_key_data(mixed, impl=jax.random.key_impl(rng))
 
 
 # ------------------------------------------------------------------------------ usage, ordering
@@ -123,10 +162,14 @@ def usage(indices: Array, codebook_size: int) -> dict:
 
 
 def tail_dropout_mask(rng: Array, batch: int, tokens: int, prob: float = 1.0 / 3.0) -> Array:
-  """(B, T) float mask: per sample, with probability `prob`, tokens r.. are zeroed, r ~ U{1..T-1}."""
-  k_on, k_r = jax.random.split(rng)
-  on = jax.random.uniform(k_on, (batch,)) < prob
-  r = jax.random.randint(k_r, (batch,), 1, tokens)        # upper bound exclusive: 1..T-1
+  """(B, T) float mask: per sample, with probability `prob`, tokens r.. are zeroed, r ~ U{1..T-1}.
+
+  Both draws come from `hash_bits` (split + uniform + randint would put five Threefry loops into
+  the compiled step); r = 1 + bits mod (T - 1) is uniform up to a bias below T / 2^32.
+  """
+  bits = hash_bits(rng, (2, batch))
+  on = (bits[0] >> 8).astype(jnp.float32) * (1.0 / (1 << 24)) < prob
+  r = 1 + (bits[1] % jnp.uint32(max(tokens - 1, 1))).astype(jnp.int32)
   keep = jnp.arange(tokens)[None, :] < r[:, None]
   return jnp.where(on[:, None], keep, True).astype(jnp.float32)
 

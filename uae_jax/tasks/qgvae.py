@@ -314,8 +314,11 @@ def make_train_step(config):
 
   def train_step(state, batch, frozen):
     step, x = state["step"], batch["image"]
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-    k_g, k_reset = jax.random.split(rng)
+    # One key per step, derived and used by counter hashes (vq.hash_*): a Threefry fold_in, split
+    # or draw each put a loop into the step that XLA:CPU spends seconds compiling. Tail dropout
+    # and the reset read disjoint salts of it.
+    rng = vq.hash_fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    k_g, k_reset = vq.hash_fold_in(rng, 1), vq.hash_fold_in(rng, 2)
     if config.gan.enabled:
       g_m = jax.eval_shape(g_branch, state, x, k_g, frozen)[1]
       d_m = jax.eval_shape(d_branch, state, x, k_g, frozen)[1]
