@@ -92,27 +92,28 @@ def _np_mlp(p, h):
 
 def test_repa_term_matches_numpy(setup):
   c, model, params, x1, labels, target, rng = setup
-  total, (_, _, extra) = jax.jit(lambda p: dit_task.loss_fn(c, model, p, x1, labels, rng,
-                                                            train=False, target=target))(params)
-  fm_off, _ = jax.jit(lambda p: _old_loss_fn(c, model, p, x1, labels, rng, train=False))(
-      dit_task.dit_params(params))
-  assert float(extra["fm_loss"]) == float(fm_off)
-  np.testing.assert_allclose(float(total), float(fm_off) + 0.5 * float(extra["repa_loss"]),
-                             rtol=1e-6)
-  # x_t as flow_matching_loss draws it (same key splits), then the hidden state independently
-  # through Flax's intermediate capture of body block 1 (`blocks_0`).
-  k_t, _ = jax.random.split(rng)
-  k_tt, k_noise = jax.random.split(k_t)
-  t = transport.sample_t(k_tt, B, c.transport.time_dist, sampling.time_shift_alpha(c))
-  x_t = transport.interpolate(x1, jax.random.normal(k_noise, x1.shape), t)
   dit = dit_task.dit_params(params)
-  v, inter = jax.jit(lambda p: model.apply({"params": p}, x_t, t, labels,
-                                           capture_intermediates=True,
-                                           mutable=["intermediates"]))(dit)
-  hidden = np.asarray(inter["intermediates"]["blocks_0"]["__call__"][0])
-  v2, hidden2 = jax.jit(lambda p: model.apply({"params": p}, x_t, t, labels, return_hidden=1))(dit)
-  np.testing.assert_array_equal(np.asarray(v), np.asarray(v2))
-  np.testing.assert_allclose(np.asarray(hidden2), hidden, rtol=1e-6, atol=1e-6)
+
+  @jax.jit
+  def run(params, dit):
+    """The loss with REPA, the old loss, and the block-1 hidden state two independent ways."""
+    on = dit_task.loss_fn(c, model, params, x1, labels, rng, train=False, target=target)
+    fm_off, _ = _old_loss_fn(c, model, dit, x1, labels, rng, train=False)
+    # x_t as flow_matching_loss draws it (same key splits); then the hidden state through
+    # Flax's intermediate capture of body block 1 (`blocks_0`) and through return_hidden=1.
+    k_tt, k_noise = jax.random.split(jax.random.split(rng)[0])
+    t = transport.sample_t(k_tt, B, c.transport.time_dist, sampling.time_shift_alpha(c))
+    x_t = transport.interpolate(x1, jax.random.normal(k_noise, x1.shape), t)
+    v, inter = model.apply({"params": dit}, x_t, t, labels, capture_intermediates=True,
+                           mutable=["intermediates"])
+    v2, hidden2 = model.apply({"params": dit}, x_t, t, labels, return_hidden=1)
+    return on, fm_off, v, inter["intermediates"]["blocks_0"]["__call__"][0], v2, hidden2
+
+  (total, (_, _, extra)), fm_off, v, hidden, v2, hidden2 = jax.device_get(run(params, dit))
+  np.testing.assert_allclose(extra["fm_loss"], fm_off, rtol=1e-6)
+  np.testing.assert_allclose(total, fm_off + 0.5 * extra["repa_loss"], rtol=1e-6)
+  np.testing.assert_allclose(v2, v, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(hidden2, hidden, rtol=1e-6, atol=1e-6)
   proj = _np_mlp(params[dit_task.REPA_KEY], hidden)
   tgt = np.float64(target)
   cos = np.sum(proj * tgt, -1) / (np.linalg.norm(proj, axis=-1) * np.linalg.norm(tgt, axis=-1))
@@ -122,14 +123,14 @@ def test_repa_term_matches_numpy(setup):
 def test_scanned_body_hidden_state_equals_unrolled(setup):
   c, model, params, x1, labels, _, _ = setup
   scanned = dit_lib.build({**dict(c.model), "scan_blocks": True})
-  dit = scan_utils.stack_blocks(scan_utils.stack_blocks(dit_task.dit_params(params)),
-                                "head_blocks")
+  dit = dit_task.dit_params(params)
+  stacked = scan_utils.stack_blocks(scan_utils.stack_blocks(dit), "head_blocks")
   t = jnp.asarray([0.3, 0.8])
   # Block 1 of 2: the scan's carried copy, not its final output.
-  hid = lambda m: jax.jit(lambda p: m.apply({"params": p}, x1, t, labels, return_hidden=1)[1])
-  np.testing.assert_allclose(np.asarray(hid(scanned)(dit)),
-                             np.asarray(hid(model)(dit_task.dit_params(params))),
-                             rtol=1e-5, atol=1e-5)
+  both = jax.jit(lambda p, q: (scanned.apply({"params": p}, x1, t, labels, return_hidden=1)[1],
+                               model.apply({"params": q}, x1, t, labels, return_hidden=1)[1]))
+  h_scan, h_loop = both(stacked, dit)
+  np.testing.assert_allclose(np.asarray(h_scan), np.asarray(h_loop), rtol=1e-5, atol=1e-5)
 
 
 def test_dog_equal_sigmas_zero_the_target(setup):
@@ -155,19 +156,6 @@ def _norms(tree):
           for path, v in flat}
 
 
-def test_gradient_reaches_body_up_to_depth_and_projector_only(setup):
-  c, model, params, x1, labels, target, rng = setup
-  repa = lambda p: dit_task.loss_fn(c, model, p, x1, labels, rng, target=target)[1][2]["repa_loss"]
-  norms = _norms(jax.jit(jax.grad(repa))(params))
-  first = [k for k in norms if k.startswith(("blocks_0/", "s_embedder/"))]
-  assert first and all(norms[k] > 0 for k in first), {k: norms[k] for k in first}
-  proj = [k for k in norms if k.startswith(dit_task.REPA_KEY)]
-  assert len(proj) == 6 and all(norms[k] > 0 for k in proj)
-  later = [k for k in norms if k.startswith(("blocks_1/", "head_blocks", "final_layer",
-                                             "x_embedder", "s_projector"))]
-  assert later and all(norms[k] == 0 for k in later), {k: norms[k] for k in later if norms[k]}
-
-
 class _ToyTokenizer(nn.Module):
   """A trainable stand-in tokenizer (Dense encoder) to check the frozen side gets no gradient."""
 
@@ -187,22 +175,30 @@ class _ToyTokenizer(nn.Module):
     return self.encode(images)
 
 
-def test_no_gradient_into_the_frozen_encoder(setup):
+def test_gradient_reaches_body_up_to_depth_and_projector_only(setup):
   c, model, params, _, labels, _, rng = setup
   tok = _ToyTokenizer()
   images = jnp.asarray(np.random.default_rng(1).uniform(size=(B, 64, 64, 3)), jnp.float32)
   tok_params = tok.init(jax.random.key(0), images)["params"]
   stats = {"mean": jnp.zeros((8, 8, 64)), "std": jnp.ones((8, 8, 64))}
 
-  def repa(tp):
-    """The REPA term as a function of the tokenizer params (through latent and target)."""
+  def repa(p, tp):
+    """The REPA term of the DiT params `p` and the tokenizer params `tp` (latent and target)."""
     x1, target = dit_task.encode_with_target(c, tok, {"tokenizer": tp, "stats": stats}, images,
                                              rng, target=True)
-    return dit_task.loss_fn(c, model, params, x1, labels, rng, target=target)[1][2]["repa_loss"]
+    return dit_task.loss_fn(c, model, p, x1, labels, rng, target=target)[1][2]["repa_loss"]
 
-  val, grads = jax.jit(jax.value_and_grad(repa))(tok_params)
+  val, (g_dit, g_tok) = jax.jit(jax.value_and_grad(repa, argnums=(0, 1)))(params, tok_params)
   assert 0 < float(val) < 2
-  assert all(v == 0 for v in _norms(grads).values())
+  norms = _norms(g_dit)
+  first = [k for k in norms if k.startswith(("blocks_0/", "s_embedder/"))]
+  assert first and all(norms[k] > 0 for k in first), {k: norms[k] for k in first}
+  proj = [k for k in norms if k.startswith(dit_task.REPA_KEY)]
+  assert len(proj) == 6 and all(norms[k] > 0 for k in proj)
+  later = [k for k in norms if k.startswith(("blocks_1/", "head_blocks", "final_layer",
+                                             "x_embedder", "s_projector"))]
+  assert later and all(norms[k] == 0 for k in later), {k: norms[k] for k in later if norms[k]}
+  assert all(v == 0 for v in _norms(g_tok).values())  # the frozen encoder gets nothing
 
 
 def test_target_pooled_to_the_token_grid():
@@ -227,6 +223,7 @@ def test_config_errors_name_the_repa_key():
   dit_task.validate(off)
 
 
+@pytest.mark.slow
 def test_few_steps_lower_the_repa_loss(setup):
   c, model, params, x1, labels, target, rng = setup
   c = _config(dog_sigmas=dit_cfg.DOG_SIGMAS)
