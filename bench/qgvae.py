@@ -61,7 +61,7 @@ def time_step(c, steps: int) -> dict:
   frozen = jax.device_put(task.load_frozen(c))
   s, b = c.input.image_size, c.input.global_batch_size
   batch = {"image": jax.random.uniform(jax.random.key(1), (b, s, s, 3))}
-  step = jax.jit(task.make_train_step(c))
+  step = jax.jit(task.make_train_step(c, "plain"))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch, frozen).compile()
   compile_s = time.perf_counter() - t0
@@ -111,7 +111,7 @@ batch = {{"image": jax.ShapeDtypeStruct(({batch}, s, s, 3), jax.numpy.float32,
 frozen = jax.eval_shape(lambda: task.load_frozen(c))
 rep = sh.replicated(mesh)
 frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), frozen)
-step = jax.jit(task.make_train_step(c), out_shardings=(state_sh, None), donate_argnums=0)
+step = jax.jit(task.make_train_step(c, "plain"), out_shardings=(state_sh, None), donate_argnums=0)
 comp = step.lower(state, batch, frozen).compile()
 ma = comp.memory_analysis()
 book_sh = state_sh["params"]["codebook"].spec

@@ -148,6 +148,32 @@ def test_tail_dropout_mask_statistics():
   assert kept.min() == 1 and set(np.unique(kept[truncated])) == set(range(1, t))
 
 
+def test_hash_randomness_uniform_and_key_dependent():
+  """The step's counter-hash randomness: in range, uniform moments, independent-looking keys."""
+  k = jax.random.key(3)
+  draw = jax.jit(lambda key: vq.hash_uniform(key, (32, 512, 4), -1e-4, 1e-4))
+  u = np.asarray(draw(k), np.float64) / 1e-4
+  assert u.min() >= -1 and u.max() < 1 and u.min() < -0.999 and u.max() > 0.999
+  assert abs(u.mean()) < 0.01 and abs(u.var() - 1 / 3) < 0.01            # U(-1, 1): 0, 1/3
+  assert abs(np.corrcoef(u.reshape(-1)[:-1], u.reshape(-1)[1:])[0, 1]) < 0.01
+  k2 = vq.hash_fold_in(k, 1)
+  assert jax.random.key_impl(k2) == jax.random.key_impl(k)
+  u2 = np.asarray(draw(k2), np.float64) / 1e-4
+  assert abs(np.corrcoef(u.reshape(-1), u2.reshape(-1))[0, 1]) < 0.01
+  fold = jax.jit(jax.vmap(lambda s: jax.random.key_data(vq.hash_fold_in(k, s))))
+  steps = np.asarray(fold(jnp.arange(1000)))
+  assert len({tuple(row) for row in steps.tolist()}) == 1000              # distinct step keys
+
+
+def test_qggan_phases():
+  """Plain steps before gan.start_step, then G on even and D on odd steps; no GAN: always plain."""
+  c = qg_config.get_config("qggan")
+  assert [task.phase_at(c, s) for s in (0, 4999, 5000, 5001, 5002)] == [
+      "plain", "plain", "g", "d", "g"]
+  c = qg_config.get_config("qggan,nogan")
+  assert {task.phase_at(c, s) for s in (0, 5000, 5001)} == {"plain"}
+
+
 def test_usage_perplexity_against_numpy():
   """Per-token perplexity exp(H) of the batch histogram, averaged over tokens."""
   idx = np.array([[0, 1], [0, 2], [1, 2], [0, 2]])

@@ -239,8 +239,12 @@ def _usage_metrics(config, idx) -> dict:
   return {"vq/perplexity": u["perplexity"], "vq/codes_used": u["codes_used"]}
 
 
-def generator_update(config, tx, state, x, rng, frozen):
-  """One G step: (params, opt, grad_mag, metrics)."""
+def generator_update(config, tx, state, x, rng, frozen, use_gan=None):
+  """One G step: (params, opt, grad_mag, metrics).
+
+  use_gan: True / False = QGGAN's or the plain generator loss (the compiled phase knows which);
+  None = chosen from the step behind a traced cond (both compiled).
+  """
   params = state["params"]
   if not config.gan.enabled:
     loss, grads, terms, idx = plain_grads(config, params, x, rng, frozen)
@@ -258,7 +262,10 @@ def generator_update(config, tx, state, x, rng, frozen):
       loss, grads, terms, idx = gan_fn(p)
       return loss, grads, dict(terms, mse=jnp.mean(jnp.zeros(()))), idx
 
-    loss, grads, terms, idx = jax.lax.cond(on, gan_padded, plain_padded, params)
+    if use_gan is None:
+      loss, grads, terms, idx = jax.lax.cond(on, gan_padded, plain_padded, params)
+    else:
+      loss, grads, terms, idx = (gan_padded if use_gan else plain_padded)(params)
   grad_mag = vq.accumulate(state["vq_stats"]["grad_mag"], grads["codebook"])
   updates, opt = tx.update(grads, state["opt"], params)
   new_params = optax.apply_updates(params, updates)
@@ -299,18 +306,60 @@ def maybe_reset(config, params, grad_mag, vq_log, step, rng):
   return dict(params, codebook=book), m, log
 
 
-def make_train_step(config):
-  """Builds `train_step(state, batch, frozen) -> (state, metrics)`."""
+PHASES = ("plain", "g", "d")
+
+
+def phase_at(config, step: int) -> str:
+  """The schedule phase of host step `step`: 'plain' (QG-VAE, or QGGAN before `gan.start_step`),
+  then QGGAN's alternating 'g' (even steps) and 'd' (odd steps). The trainer compiles one step
+  per phase, so the plain phase carries no discriminator, LPIPS or adaptive-weight work."""
+  if not config.gan.enabled or step < config.gan.start_step:
+    return "plain"
+  return "d" if step % 2 == 1 else "g"
+
+
+def make_train_step(config, phase=None):
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)` for one phase of `phase_at`.
+
+  phase=None builds every phase behind a traced switch on the step (for callers that do not
+  track phases; it compiles all of them).
+  """
   ae_tx, disc_tx = make_optimizers(config)
 
-  def g_branch(state, x, rng, frozen):
-    params, opt, grad_mag, metrics = generator_update(config, ae_tx, state, x, rng, frozen)
-    new = dict(state, params=params, opt=opt, vq_stats={"grad_mag": grad_mag})
-    return new, metrics
+  def g_branch(use_gan):
+    def run(state, x, rng, frozen):
+      params, opt, grad_mag, metrics = generator_update(config, ae_tx, state, x, rng, frozen,
+                                                        use_gan)
+      return dict(state, params=params, opt=opt, vq_stats={"grad_mag": grad_mag}), metrics
+    return run
 
   def d_branch(state, x, rng, frozen):
     d, d_opt, metrics = discriminator_update(config, disc_tx, state, x)
     return dict(state, disc=d, disc_opt=d_opt), metrics
+
+  branches = {"plain": g_branch(False), "g": g_branch(True), "d": d_branch}
+
+  def update(state, x, rng, frozen):
+    """The phase's update; with the GAN on, every phase reports the same metric keys."""
+    if not config.gan.enabled:
+      return branches["plain"](state, x, rng, frozen)
+    keys = {}
+    for fn in branches.values():
+      keys.update(jax.eval_shape(fn, state, x, rng, frozen)[1])
+    def padded(fn):
+      def run(s):
+        new, m = fn(s, x, rng, frozen)
+        return new, {k: m[k] if k in m else jnp.zeros(v.shape, v.dtype) for k, v in keys.items()}
+      return run
+    step = state["step"]
+    if phase is not None:
+      new, metrics = padded(branches[phase])(state)
+      return new, dict(metrics, d_step=jnp.float32(phase == "d"))
+    on = step >= config.gan.start_step
+    d_turn = on & (step % 2 == 1)
+    which = jnp.where(d_turn, 2, jnp.where(on, 1, 0))
+    new, metrics = jax.lax.switch(which, [padded(branches[k]) for k in PHASES], state)
+    return new, dict(metrics, d_step=d_turn.astype(jnp.float32))
 
   def train_step(state, batch, frozen):
     step, x = state["step"], batch["image"]
@@ -319,18 +368,7 @@ def make_train_step(config):
     # and the reset read disjoint salts of it.
     rng = vq.hash_fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_g, k_reset = vq.hash_fold_in(rng, 1), vq.hash_fold_in(rng, 2)
-    if config.gan.enabled:
-      g_m = jax.eval_shape(g_branch, state, x, k_g, frozen)[1]
-      d_m = jax.eval_shape(d_branch, state, x, k_g, frozen)[1]
-      keys = {**g_m, **d_m}
-      full = lambda m: {k: m.get(k, jnp.zeros(keys[k].shape, keys[k].dtype)) for k in keys}
-      d_turn = (step >= config.gan.start_step) & (step % 2 == 1)
-      new, metrics = jax.lax.cond(
-          d_turn, lambda s: (lambda o: (o[0], full(o[1])))(d_branch(s, x, k_g, frozen)),
-          lambda s: (lambda o: (o[0], full(o[1])))(g_branch(s, x, k_g, frozen)), state)
-      metrics["d_step"] = d_turn.astype(jnp.float32)
-    else:
-      new, metrics = g_branch(state, x, k_g, frozen)
+    new, metrics = update(state, x, k_g, frozen)
     dead_now = jnp.mean(jnp.sum(new["vq_stats"]["grad_mag"] <= 0, -1).astype(jnp.float32))
     params, grad_mag, log = maybe_reset(config, new["params"], new["vq_stats"]["grad_mag"],
                                         new["vq_log"], step, k_reset)
@@ -655,7 +693,7 @@ def compress_main(argv=None) -> int:
 TASK = tasks.Task(
     validate=validate, batch_spec=batch_spec, init_state=init_state,
     make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
-    load_frozen=load_frozen)
+    load_frozen=load_frozen, phase_at=phase_at)
 
 
 if __name__ == "__main__":
