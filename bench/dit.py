@@ -1,7 +1,7 @@
 """DiT benchmarks: train-step and sampling throughput here, the full DiT^DH-XL step compiled for a pod.
 
     python -m bench.dit                    # CPU rows (tiny, mid) + sampling + XL compiled at 8 devices
-    python -m bench.dit --xl-devices 8,1x128,2x128  # also 128 and 256 devices (8 min each here)
+    python -m bench.dit --xl-devices 8,1x256,2x128  # also 256 devices (8-15 min each here)
     python -m bench.dit --no-xl            # only the measured CPU rows
 
 Measured rows time the DiT step alone (AdamW + EMA, flow-matching loss on random normalised

@@ -69,7 +69,7 @@ def get_config(arg=None):
   c.input.eval_global_batch_size = 40
   c.model.class_dropout_prob = 0.1
   c.optim.update(peak_lr=2e-3, end_lr=2e-4, ema_decay=0.995)
-  c.sample.update(num_points=25, cfg_scale=4.0)
+  c.sample.update(num_points=25, cfg_scale=6.0)
   # The trainer's per-step overhead on a 2-core CPU: one checkpoint (the last step), metrics
   # fetched every 100 steps, no image grids (the demo samples and judges itself), one eval batch.
   c.ckpt.update(every_steps=a.steps, keep=1)

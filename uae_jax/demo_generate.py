@@ -34,7 +34,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/demo_generate", "Output director
 _UAE_STEPS = flags.DEFINE_integer("uae_steps", 150, "Training steps of the tiny UAE.")
 _DIT_STEPS = flags.DEFINE_integer("dit_steps", 3000, "Training steps of the tiny DiT^DH.")
 _PER_CLASS = flags.DEFINE_integer("per_class", 30, "Samples per class and guidance setting.")
-_CFG = flags.DEFINE_float("cfg_scale", 4.0, "Classifier-free guidance scale of the guided set.")
+_CFG = flags.DEFINE_float("cfg_scale", 6.0, "Classifier-free guidance scale of the guided set.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the DiT and the samples.")
 
 
