@@ -181,6 +181,8 @@ class Trainer:
   def _start_of_run(self, start: int, state) -> dict:
     """Start-of-run eval and images on a fresh start; the first run's numbers on a resume."""
     start_file = epath.Path(self.workdir) / "eval_start.json"
+    if not self.config.eval_every_steps:  # evaluation off: no start-of-run eval either
+      return {}
     if start == 0:
       out = {"eval_start": self._eval_and_log(0, state)}
       if self.config.image_every_steps:
