@@ -382,8 +382,13 @@ def test_one_device_equals_eight_devices(tmp_path):
     state, _ = _steps(tr, state, it, 3)
     outs.append(jax.device_get(state))
     tr.close()
-  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # One AdamW step moves a parameter by about lr = 1e-3 whatever the gradient's size, so the
+  # 8-device gradient sums' different float order can shift near-zero gradients' updates by a few
+  # 1e-5 after 3 steps (seen: 7.3e-5 on a 16-vector). A sharding bug (wrong shard reset, mixed
+  # tokens) moves whole updates: 1e-3 and more. Tolerance: a tenth of one update.
+  flat0 = jax.tree_util.tree_flatten_with_path(outs[0])[0]
+  for (path, a), b in zip(flat0, jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.slow
