@@ -28,11 +28,17 @@ demo: $(RUNTIME)
 demo-generate: $(RUNTIME)
 	$(BIN)/python -m uae_jax.demo_generate --workdir=runs/demo_generate
 
+# Two pytest workers (pytest-xdist): most of the suite's time is single-threaded XLA compilation,
+# so a 2-core machine runs two tests at once. Tests sharing an expensive module fixture carry an
+# `xdist_group` mark and stay on one worker (`--dist loadgroup`). `make test PYTEST_WORKERS=0`
+# runs everything in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(TESTSTACK)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=25
 
 test-slow: $(TESTSTACK)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m slow
 
 bench: $(RUNTIME)
 	$(BIN)/python -m bench.run_all

@@ -6,6 +6,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Many tests compile the same tiny programs from fresh closures; XLA's persistent cache keyed by
+# the HLO turns those repeats into cache hits. A fresh directory per run keeps CI honest, and the
+# environment variable reaches the tests' subprocesses (resume, multi-host) too.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="uae_jax_test_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from absl import flags  # noqa: E402
 
@@ -40,3 +47,18 @@ def photo_batch(photos):
     im = im.crop((left, top, left + s, top + s)).resize((256, 256), Image.BICUBIC)
     imgs.append(np.asarray(im, np.float32) / 255.0)
   return np.stack(imgs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (it runs the hook too)
+def pytest_collection_modifyitems(config, items):
+  """Tests of one module that share a module-scoped fixture run on one xdist worker.
+
+  A module fixture is often a trained tiny run or a compiled network; under `--dist loadgroup`
+  the group keeps it from being built once per worker.
+  """
+  del config
+  for item in items:
+    defs = getattr(item, "_fixtureinfo", None)
+    defs = defs.name2fixturedefs if defs is not None else {}
+    if any(d[-1].scope == "module" for d in defs.values()):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
