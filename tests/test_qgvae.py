@@ -374,21 +374,30 @@ def test_one_device_equals_eight_devices(tmp_path):
   from uae_jax.data import pipeline
   c = _tiny_config(steps=3)
   c.vq.reset_every = 2                         # a reset inside the three steps
-  outs = []
+  outs, logs = [], []
   for n in (1, 8):
     tr = train.Trainer(c, str(tmp_path / str(n)), devices=jax.devices()[:n])
     it = pipeline.make_train_iterator(c.input)
     state, _ = tr.initial_state(it)
-    state, _ = _steps(tr, state, it, 3)
+    state, ms = _steps(tr, state, it, 3)
     outs.append(jax.device_get(state))
+    logs.append(ms)
     tr.close()
-  # One AdamW step moves a parameter by about lr = 1e-3 whatever the gradient's size, so the
-  # 8-device gradient sums' different float order can shift near-zero gradients' updates by a few
-  # 1e-5 after 3 steps (seen: 7.3e-5 on a 16-vector). A sharding bug (wrong shard reset, mixed
-  # tokens) moves whole updates: 1e-3 and more. Tolerance: a tenth of one update.
+  for m1, m8 in zip(*logs):                    # losses, usage and reset counts of every step
+    for k in ("loss", "mse", "codebook", "commit", "vq/perplexity", "vq/dead_at_reset",
+              "vq/moved_at_reset"):
+      np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # The sharded state (codebooks, offsets, per-head maps, reset statistic) must agree closely.
+  # The replicated U-Net leaves get a looser bound: AdamW moves a parameter by about lr = 1e-3
+  # per step whatever its gradient's size, and some gradients are zero up to float noise (a conv
+  # bias right before a GroupNorm with one channel per group), so the 8-device sums' different
+  # float order can flip such an update's sign (seen: 1.8e-4 after 3 steps). Bound: one update.
   flat0 = jax.tree_util.tree_flatten_with_path(outs[0])[0]
   for (path, a), b in zip(flat0, jax.tree.leaves(outs[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
+    name = jax.tree_util.keystr(path)
+    sharded = "unet" not in name and "residual" not in name
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 if sharded else c.optim.lr,
+                               err_msg=name)
 
 
 @pytest.mark.slow
