@@ -66,6 +66,11 @@ def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
   #                      tokenizer's dct_count, 64 at 16 x 16) to max_count (-1: H * W = 256),
   #                      held for hold_epochs + interval_epochs, then one step every interval.
   c.latent = views.default_config()
+  #   source             'tokenizer': encode each batch on the fly with the frozen UAE (random
+  #                      flip); 'stored': read the latents `python -m uae_jax.generate latents
+  #                      --out=DIR` wrote (dir=DIR: its shards, stats and manifest).
+  c.latent.source = "tokenizer"
+  c.latent.dir = ""
 
   c.model = ml_collections.ConfigDict(dict(
       kind=kind,                # 'ddt' (DiT^DH: body + wide head) | 'lightning' (plain DiT)
@@ -161,4 +166,10 @@ def get_config(arg=None):
   c.repa.weight = a.repa
   if a.dog:
     c.repa.dog_sigmas = DOG_SIGMAS
+  stored_latents(c)
   return c
+
+
+def stored_latents(c: ml_collections.ConfigDict) -> None:
+  """Ties the train pipeline's `input.latent_dir` to `latent.dir` (set it after replacing input)."""
+  c.input.latent_dir = c.latent.get_ref("dir")

@@ -19,6 +19,10 @@ def default_input_config() -> ml_collections.ConfigDict:
   # array_record only: explicit shard files or globs (list or comma-separated); overrides data_dir.
   c.paths = ''
   c.image_size = 256
+  # Stored latents (`python -m uae_jax.generate latents --out=DIR`): when set, the TRAIN pipeline
+  # reads {'latent', 'label'} from DIR's shards instead of images (eval still reads images).
+  # DiT configs tie it to `latent.dir`.
+  c.latent_dir = ''
   # Train transform: 'random' (shorter side to 1.5 x size, random crop: the official recipe) or
   # 'center' (the eval transform, ADM centre crop: whole images, e.g. small centred digits).
   c.train_crop = 'random'

@@ -27,7 +27,10 @@ multiprocess workers too). Eval pipelines do not substitute: the slot gets ``mas
 """
 from __future__ import annotations
 
+import io
+import json
 import math
+import os
 import threading
 from typing import Any, Callable, Optional
 
@@ -210,10 +213,15 @@ def _to_iter(ds: grain.MapDataset, cfg: ml_collections.ConfigDict, name: str,
 def make_train_dataset(input_config: ml_collections.ConfigDict, *, source: Any = None,
                        process_index: Optional[int] = None, process_count: Optional[int] = None,
                        num_epochs: Optional[int] = None, keep_index: bool = False) -> grain.IterDataset:
-  """The training `IterDataset` of this process: batches {'image', 'label'} (+ 'index' if asked)."""
+  """The training `IterDataset` of this process: batches {'image', 'label'} (+ 'index' if asked).
+
+  With `input.latent_dir` set it streams stored latents instead: {'latent', 'label'} batches.
+  """
   cfg = input_config
   pi, pc = _process_info(process_index, process_count)
   batch = _per_process_batch(int(cfg.global_batch_size), pc, 'input.global_batch_size')
+  if cfg.get('latent_dir', ''):  # stored latents (`python -m uae_jax.generate latents`)
+    return _latent_train_dataset(cfg, pi, pc, batch, num_epochs, source)
   src = sources.make_source(cfg, cfg.split) if source is None else source
   n = len(src)
   usable = n - n % pc  # Equal shard sizes keep every process on the same epoch at the same step.
@@ -225,6 +233,79 @@ def make_train_dataset(input_config: ml_collections.ConfigDict, *, source: Any =
   ds = ds.random_map(_train_element(int(cfg.image_size), str(cfg.get('train_crop', 'random'))))
   ds = ds.batch(batch, drop_remainder=True)
   return _to_iter(ds, cfg, 'train', keep_index)
+
+
+# ------------------------------------------------------------------------------ stored latents
+LATENT_MANIFEST = 'manifest.json'
+
+
+def latent_record(latents: np.ndarray, label: int) -> bytes:
+  """One stored-latent record: an .npz of float32 `latent` (V, H, W, C) (V views) and `label`."""
+  buf = io.BytesIO()
+  np.savez(buf, latent=np.asarray(latents, np.float32), label=np.int32(label))
+  return buf.getvalue()
+
+
+def parse_latent_record(data: bytes, where: str = '?') -> tuple[np.ndarray, np.int32]:
+  """(latent (V, H, W, C) float32, label) of one record; LoadError naming `where` if garbage."""
+  from uae_jax.errors import LoadError  # pylint: disable=g-import-not-at-top
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
+      z, label = np.asarray(f['latent'], np.float32), np.int32(f['label'])
+  except Exception as e:  # pylint: disable=broad-except
+    raise LoadError(f'{where}: not a stored-latent record ({type(e).__name__})') from None
+  if z.ndim != 4:
+    raise LoadError(f'{where}: stored latent of shape {z.shape}, expected (views, H, W, C)')
+  return z, label
+
+
+def open_latent_dir(latent_dir: str) -> tuple[dict[str, Any], Any]:
+  """(manifest, ArrayRecord source) of a stored-latent directory; LoadError if unusable."""
+  from uae_jax.errors import LoadError  # pylint: disable=g-import-not-at-top
+  path = os.path.join(latent_dir, LATENT_MANIFEST)
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+    files = [os.path.join(latent_dir, n) for n in manifest['shards']]
+    count, shape = int(manifest['count']), tuple(manifest['shape'])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise LoadError(f'{path}: not a stored-latent manifest ({type(e).__name__}: {e})') from None
+  try:
+    src = grain.sources.ArrayRecordDataSource(files)
+    n = len(src)
+  except Exception as e:  # pylint: disable=broad-except
+    raise LoadError(f'{latent_dir}: unreadable latent shards ({type(e).__name__}: '
+                    f'{str(e).splitlines()[0] if str(e) else ""})') from None
+  if n != count or len(shape) != 3:
+    raise LoadError(f'{path}: manifest says {count} latents of shape {shape}, shards hold {n}')
+  return manifest, src
+
+
+def _latent_element(source: Any) -> Callable[[int, np.random.Generator], dict[str, Any]]:
+  """Record index -> {'latent' (H, W, C), 'label'}: one of the stored views at random."""
+
+  def fn(index: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Reads one record and picks a view (image or mirror), the stored random flip."""
+    z, label = parse_latent_record(source[int(index)], f'latent record {int(index)}')
+    view = int(rng.integers(z.shape[0])) if z.shape[0] > 1 else 0
+    return {'latent': z[view], 'label': label, 'index': np.int32(index), _ERROR_KEY: np.int32(0)}
+
+  return fn
+
+
+def _latent_train_dataset(cfg, pi: int, pc: int, batch: int, num_epochs, source=None):
+  """The train stream of stored latents: the image pipeline's shuffle/shard/repeat/batch."""
+  src = open_latent_dir(str(cfg.latent_dir))[1] if source is None else source
+  n = len(src)
+  usable = n - n % pc
+  if usable == 0:
+    raise ValueError(f'input.latent_dir={cfg.latent_dir!r} has {n} latents, fewer than {pc} '
+                     'processes')
+  ds = grain.MapDataset.range(n).seed(int(cfg.shuffle_seed)).shuffle()
+  ds = ds[:usable][pi::pc].repeat(num_epochs)
+  ds = ds.random_map(_latent_element(src))
+  ds = ds.batch(batch, drop_remainder=True)
+  return _to_iter(ds, cfg, 'train', keep_index=False)
 
 
 def make_train_iterator(input_config: ml_collections.ConfigDict, *, source: Any = None,

@@ -1,9 +1,11 @@
-"""`python -m uae_jax.generate {sample, stats}`: ADM-format samples of a trained DiT, latent statistics.
+"""`python -m uae_jax.generate {sample, stats, latents}`: samples of a trained DiT, latent statistics,
+stored training latents.
 
     python -m uae_jax.generate sample --workdir=RUN --num=50000 --out=samples.npz \
         [--config=configs/dit.py] [--cfg-scale=1.5 --cfg-interval=0.1,1.0] [--sampler=euler]
         [--steps=50] [--label-sampling=equal] [--seed=42] [--batch=256] [--params=ema]
     python -m uae_jax.generate stats --config=configs/dit.py:tiny [--set tokenizer.workdir=UAE]
+    python -m uae_jax.generate latents --config=configs/dit.py:tiny --out=DIR [--no-hflip]
 
 `sample` uses the config the run recorded in its checkpoint (model, tokenizer, transport), so
 `--config` is only needed for a workdir without one; `--set key=value` overrides any config key.
@@ -300,6 +302,26 @@ def stats(args) -> dict:
   return {"path": path}
 
 
+def encode_latents(args) -> dict:
+  """Stores a DiT config's training latents (+ mirrors) and their statistics in `--out`."""
+  from uae_jax.generate import latents  # pylint: disable=g-import-not-at-top
+  config = resolve_config(args.config, args.workdir, args.set)
+  uae_cfg = latents.tokenizer_config(config)
+  views.validate(config, uae_cfg)
+  if config.latent.progressive.enabled:
+    raise ConfigError("latent.progressive: the schedule's latent changes during training; "
+                      "store the plain latent (or encode on the fly)")
+  tok = latents.load_tokenizer_params(config, uae_cfg)
+  t0 = time.time()
+  s = latents.encode_dataset(config, uae_cfg, tok, args.out, hflip=args.hflip,
+                             method=views.stats_method(config, uae_cfg),
+                             tag=views.stats_tag(config, uae_cfg), max_batches=args.max_batches)
+  print(f"wrote {args.out}: {int(s['count'])} latents{' (images + mirrors)' if args.hflip else ''}"
+        f" of shape {s['mean'].shape} in {time.time() - t0:.1f} s; train with "
+        f"--config.latent.source=stored --config.latent.dir={args.out}", flush=True)
+  return {"out": args.out, "count": int(s["count"])}
+
+
 # ------------------------------------------------------------------------------ main
 def _interval(text: str) -> tuple:
   """'0.1,1.0' -> (0.1, 1.0)."""
@@ -337,7 +359,14 @@ def parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True)
   t.add_argument("--workdir", default="", help="unused; accepted for symmetry")
   t.add_argument("--recompute", action="store_true")
-  for q in (s, t):
+  e = sub.add_parser("latents", help="store the training latents (+ mirrors) and their statistics")
+  e.add_argument("--config", required=True, help="the DiT config (tokenizer, input split, latent)")
+  e.add_argument("--workdir", default="", help="unused; accepted for symmetry")
+  e.add_argument("--out", required=True, help="output directory (shards, stats.npz, manifest)")
+  e.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True,
+                 help="also store each mirrored image's latent (default on)")
+  e.add_argument("--max-batches", type=int, default=0, help="stop after N batches (tests)")
+  for q in (s, t, e):
     q.add_argument("--set", action="append", default=[], help="config override key=value")
   return p
 
@@ -351,6 +380,8 @@ def main(argv) -> None:
   try:
     if args.cmd == "sample":
       print(json.dumps(sample(args)), flush=True)
+    elif args.cmd == "latents":
+      encode_latents(args)
     else:
       stats(args)
   except UserError as e:

@@ -11,7 +11,11 @@ and its horizontal mirror, float64 accumulation of per-batch centred moments acr
 hosts) and stored as an .npz (`python -m uae_jax.generate stats --config=...`). Training computes
 and stores them on first use if the file does not exist yet.
 
-    python -m uae_jax.generate stats --config=configs/dit.py:tiny [--config.tokenizer.stats=F]
+`encode_dataset` (`python -m uae_jax.generate latents`) stores the latents themselves (and the
+same statistics, in the same pass) for training with `latent.source='stored'`.
+
+    python -m uae_jax.generate stats --config=configs/dit.py:tiny [--set tokenizer.stats=F]
+    python -m uae_jax.generate latents --config=configs/dit.py:tiny --out=DIR [--no-hflip]
 """
 import importlib.util
 import os
@@ -230,3 +234,105 @@ def ensure_stats(config, uae_cfg, tok_params, recompute: bool = False, method="t
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("latent_stats_written")
   return load_stats(path, latent_shape(uae_cfg))
+
+
+# ------------------------------------------------------------------------------ stored latents
+STORED_STATS = "stats.npz"
+
+
+def _encode_fn(model, hflip: bool, method="tokenize"):
+  """jit(params, images, mask) -> (latents (B, V, H, W, C), count, mean, M2) of one batch."""
+  moments = _batch_moments_fn(model, hflip, method)
+
+  def fn(params, images, mask):
+    z = model.apply({"params": params}, images, method=method).astype(jnp.float32)
+    views = [z]
+    if hflip:
+      views.append(model.apply({"params": params}, images[:, :, ::-1],
+                               method=method).astype(jnp.float32))
+    return (jnp.stack(views, 1),) + moments(params, images, mask)
+  return fn
+
+
+def _local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in process-local order."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  seen = {}
+  for s in x.addressable_shards:
+    seen.setdefault(s.index[0].start or 0, np.asarray(s.data))
+  return np.concatenate([seen[k] for k in sorted(seen)])
+
+
+def _shard_writer(out: str):
+  """(ArrayRecord writer of this process's shard at a temporary path, tmp path, final name)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  name = f"latents-{jax.process_index():05d}-of-{jax.process_count():05d}.array_record"
+  tmp = os.path.join(out, name + ".tmp")
+  return array_record_module.ArrayRecordWriter(tmp, "group_size:1"), tmp, name
+
+
+def encode_dataset(config, uae_cfg, tok_params, out: str, hflip: bool = True, method="tokenize",
+                   tag: str = "", max_batches: int = 0) -> dict:
+  """Stores the latents of `input.split` (centre crop, eval mode) and their exact statistics.
+
+  One pass: each process writes its rows as {latent (V, H, W, C) float32, label} records
+  (V = 2 with `hflip`: the image and its mirror), the moments are combined in float64 exactly
+  as in `compute_stats`. `out/manifest.json` is written last, so a directory with a manifest is
+  complete. Returns the statistics.
+  """
+  from uae_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from uae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1})
+  batch_sh, rep = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  fn = jax.jit(_encode_fn(build_tokenizer(uae_cfg), hflip, method),
+               out_shardings=(batch_sh, rep, rep, rep))
+  params = jax.device_put(tok_params, rep)
+  cfg = config.input.copy_and_resolve_references()
+  cfg.eval_max_examples = 0
+  epath.Path(out).mkdir(parents=True, exist_ok=True)
+  writer, tmp, name = _shard_writer(out)
+  acc, written = None, 0
+  for i, batch in enumerate(pipeline.make_eval_iterator(cfg, split=config.input.split)):
+    if max_batches and i >= max_batches:
+      break
+    g = pipeline.to_global_array({k: batch[k] for k in ("image", "mask")}, batch_sh)
+    z, n, mean, m2 = fn(params, g["image"], g["mask"])
+    acc = combine_moments(acc, *jax.device_get((n, mean, m2)))
+    for row, label, ok in zip(_local_rows(z), batch["label"], batch["mask"]):
+      if ok:  # padding and undecodable records are not stored (nor counted in the moments)
+        writer.write(pipeline.latent_record(row, int(label)))
+        written += 1
+  writer.close()
+  os.replace(tmp, os.path.join(out, name))
+  if acc is None or acc["n"] < 2:
+    raise ConfigError(f"input.split={config.input.split!r} gave fewer than 2 latents")
+  stats = {"mean": acc["mean"].astype(np.float32), "var": (acc["m2"] / acc["n"]).astype(np.float32),
+           "count": np.int64(acc["n"])}
+  _finish_latent_dir(config, out, stats, written, hflip, latent_shape(uae_cfg), tag)
+  return stats
+
+
+def _finish_latent_dir(config, out: str, stats: dict, written: int, hflip: bool, shape,
+                       tag: str = "") -> None:
+  """Writes the statistics and (last, atomically) the manifest; process 0 after all shards."""
+  import json  # pylint: disable=g-import-not-at-top
+  from uae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  total = written
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    total = int(np.sum(multihost_utils.process_allgather(np.int64(written))))
+    multihost_utils.sync_global_devices("latent_shards_written")
+  if jax.process_index() != 0:
+    return
+  info = {"latent": tag or "tokenize", "tokenizer_config": config.tokenizer.config, "tokenizer_workdir": config.tokenizer.workdir,
+          "source": config.input.source, "split": config.input.split, "hflip": hflip}
+  save_stats(os.path.join(out, STORED_STATS), stats, info)
+  shards = [f"latents-{p:05d}-of-{jax.process_count():05d}.array_record"
+            for p in range(jax.process_count())]
+  manifest = dict(info, count=total, views=2 if hflip else 1, shape=list(shape), shards=shards,
+                  stats=STORED_STATS)
+  tmp = os.path.join(out, pipeline.LATENT_MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out, pipeline.LATENT_MANIFEST))

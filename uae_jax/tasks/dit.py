@@ -10,8 +10,10 @@ The train state is a plain dict pytree:
   opt     AdamW state
 The step's frozen inputs are {'tokenizer': UAE EMA params, 'stats': latent mean/std}: the step
 encodes each image batch on the fly with the UAE in eval mode (after a random horizontal flip),
-normalises the latent per element and takes one flow-matching step on it (docs/generation.md
-says why on the fly rather than precomputed latents). Which latent (the tokenizer's own, band 0
+normalises the latent per element and takes one flow-matching step on it; with
+`latent.source='stored'` the batch holds latents precomputed by `python -m uae_jax.generate
+latents` (image or mirror picked by the pipeline) and the tokenizer only decodes grids and
+encodes the held-out evaluation images (docs/generation.md). Which latent (the tokenizer's own, band 0
 only, or the progressive DCT schedule) is `config.latent` (uae_jax/generate/views.py); the
 start-of-run weights may come from an official DiT^DH checkpoint (`init.dit`).
 
@@ -21,6 +23,8 @@ trained and EMA'd with the DiT, dropped when sampling) and is aligned by 1 - cos
 tokenizer's encoder features of the same (flipped, clean) images, optionally difference-of-
 Gaussians filtered (docs/spectrum_matching.md#dog-repa-experimental).
 """
+import os
+
 import einops
 import flax.linen as nn
 import jax
@@ -146,6 +150,49 @@ def validate(config) -> None:
   if config.optim.decay_end_epochs < config.optim.constant_epochs:
     raise ConfigError("optim.decay_end_epochs must be >= optim.constant_epochs")
   validate_repa(config, uae_cfg)
+  validate_stored(config, uae_cfg, shape)
+
+
+LATENT_SOURCES = ("tokenizer", "stored")
+
+
+def latent_source(config) -> str:
+  """'tokenizer' (encode on the fly) or 'stored' (`latent.dir`); runs without the key: 'tokenizer'."""
+  return config.latent.get("source", "tokenizer")
+
+
+def validate_stored(config, uae_cfg, shape) -> None:
+  """Checks `latent.source`/`latent.dir` against each other, REPA, the schedule and the shards."""
+  src, lat_dir = latent_source(config), config.latent.get("dir", "")
+  _check_choice("latent.source", src, LATENT_SOURCES)
+  if config.input.get("latent_dir", "") != lat_dir:
+    raise ConfigError(f"input.latent_dir={config.input.get('latent_dir', '')!r} must equal "
+                      f"latent.dir={lat_dir!r} (configs/dit.py ties them)")
+  if src == "tokenizer":
+    if lat_dir:
+      raise ConfigError(f"latent.dir={lat_dir!r} is set but latent.source='tokenizer'")
+    return
+  if not lat_dir:
+    raise ConfigError("latent.source='stored' needs latent.dir (python -m uae_jax.generate "
+                      "latents --out=DIR)")
+  if repa_on(config):
+    raise ConfigError("repa.weight > 0 needs images (the encoder features): use "
+                      "latent.source='tokenizer'")
+  if config.latent.progressive.enabled:
+    raise ConfigError("latent.progressive needs the latent at every step's count: use "
+                      "latent.source='tokenizer'")
+  from uae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  manifest, _ = pipeline.open_latent_dir(lat_dir)
+  if tuple(manifest["shape"]) != tuple(shape):
+    raise ConfigError(f"latent.dir={lat_dir!r} holds {tuple(manifest['shape'])} latents, the "
+                      f"tokenizer's are {tuple(shape)}")
+  tag = views.stats_tag(config, uae_cfg) or "tokenize"
+  if manifest.get("latent") != tag:
+    raise ConfigError(f"latent.dir={lat_dir!r} holds the {manifest.get('latent')!r} latent, this "
+                      f"config models {tag!r}")
+  if bool(manifest.get("hflip")) != bool(config.train.hflip):
+    raise ConfigError(f"latent.dir={lat_dir!r} was written with hflip={manifest.get('hflip')} "
+                      f"but train.hflip={config.train.hflip}")
 
 
 def validate_repa(config, uae_cfg) -> None:
@@ -175,7 +222,12 @@ def validate_repa(config, uae_cfg) -> None:
 
 
 def batch_spec(config) -> dict:
-  """One example of a train batch: an image in [0, 1] and its class label."""
+  """One example of a train batch: an image in [0, 1] (or its stored latent) and its class label."""
+  if latent_source(config) == "stored":
+    m = config.model
+    return {"latent": jax.ShapeDtypeStruct((1, m.input_size, m.input_size, m.in_channels),
+                                           jnp.float32),
+            "label": jax.ShapeDtypeStruct((1,), jnp.int32)}
   s = config.input.image_size
   return {"image": jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
           "label": jax.ShapeDtypeStruct((1,), jnp.int32)}
@@ -213,7 +265,13 @@ def load_frozen(config) -> dict:
 
 
 def latent_stats(config, uae_cfg, tok_params, recompute: bool = False) -> dict:
-  """The statistics of the latent `config.latent` selects (computed and stored on first use)."""
+  """The statistics of the latent `config.latent` selects (computed and stored on first use).
+
+  With stored latents: the statistics the latents command wrote next to them.
+  """
+  if latent_source(config) == "stored":
+    return latents.load_stats(os.path.join(config.latent.dir, latents.STORED_STATS),
+                              latents.latent_shape(uae_cfg))
   return latents.ensure_stats(config, uae_cfg, tok_params, recompute,
                               method=views.stats_method(config, uae_cfg),
                               tag=views.stats_tag(config, uae_cfg))
@@ -355,14 +413,18 @@ def make_train_step(config):
   model = build_model(config)
   uae_cfg, tokenizer = build_tokenizer(config)
   schedule = band_schedule(config, uae_cfg)
+  stored = latent_source(config) == "stored"
 
   def train_step(state, batch, frozen):
     step = state["step"]
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_flip, k_loss = jax.random.split(rng)
     count = band_count(schedule, step)
-    x1, target = encode_with_target(config, tokenizer, frozen, batch["image"], k_flip, count,
-                                    target=repa_on(config))
+    if stored:  # flipped (or not) by the pipeline; no tokenizer pass
+      x1, target = latents.normalise(batch["latent"].astype(jnp.float32), frozen["stats"]), None
+    else:
+      x1, target = encode_with_target(config, tokenizer, frozen, batch["image"], k_flip, count,
+                                      target=repa_on(config))
     labels = class_labels(config, batch["label"])
     grad_fn = jax.value_and_grad(lambda p: loss_fn(config, model, p, x1, labels, k_loss,
                                                    target=target), has_aux=True)
