@@ -4,14 +4,17 @@
                                   trained decoder) on the 1797 digits upscaled to 32 px
     configs/dit_digits.py         the tiny DiT^DH on that UAE's 8 x 8 x 64 latents, 10 classes
 
-Arguments: `uae` (the tokenizer config), `steps=N` (either part's training steps), `tok=UAE_RUN`.
+Arguments: `uae` (the tokenizer config), `steps=N` (either part's training steps), `tok=UAE_RUN`,
+`lat=DIR` (train on the latents stored in DIR instead of encoding each batch on the fly).
 The DiT uses 2 x 2 patches of the 8 x 8 latent (16 tokens) to fit a few CPU minutes. Both parts
 read whole digits (`input.train_crop="center"`, no flip): the official random crop of the
 1.5x-upscaled image would cut them.
 
     python -m uae_jax.main --config=configs/dit_digits.py:uae,steps=150 --workdir=runs/demo_generate/uae
-    python -m uae_jax.main --config=configs/dit_digits.py:steps=3000,tok=runs/demo_generate/uae \
-        --workdir=runs/demo_generate/dit
+    python -m uae_jax.generate latents --config=configs/dit_digits.py:tok=runs/demo_generate/uae \
+        --no-hflip --out=runs/demo_generate/latents
+    python -m uae_jax.main --workdir=runs/demo_generate/dit \
+        --config=configs/dit_digits.py:steps=3000,tok=runs/demo_generate/uae,lat=runs/demo_generate/latents
 The digits are written once as ArrayRecord train (first 1437) / test (last 360) splits under
 $UAE_JAX_CACHE/digits/v1 (the same files as `configs/qgvae.py:digits`).
 """
@@ -55,7 +58,7 @@ def uae_config(steps: int):
 
 def get_config(arg=None):
   """The demo's tiny DiT (default) or its tokenizer (`uae`)."""
-  a = common.parse_arg(arg, uae=False, steps=400, tok="")
+  a = common.parse_arg(arg, uae=False, steps=400, tok="", lat="")
   if a.uae:
     return uae_config(a.steps)
   c = dit.get_config(f"tiny,steps={a.steps}")
@@ -63,6 +66,8 @@ def get_config(arg=None):
   c.tokenizer.workdir = a.tok
   digits_input(c)
   c.train.hflip = False                          # digits are not mirror-symmetric
+  if a.lat:  # stored latents (`python -m uae_jax.generate latents --no-hflip --out=LAT`)
+    c.latent.update(source="stored", dir=a.lat)
   # 2 x 2 latent patches: 16 tokens of 256 values, 4 x cheaper than one token per position.
   c.model.patch_size = 2
   c.input.global_batch_size = 32

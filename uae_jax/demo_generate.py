@@ -5,11 +5,12 @@
 1. The 1797 scikit-learn digits (10 classes), upscaled to 32 px, as ArrayRecord splits: train =
    the first 1437, test (held out) = the last 360 (built once, cached).
 2. A tiny UAE (`configs/dit_digits.py:uae`) trained by the one trainer in `<workdir>/uae`.
-3. A tiny DiT^DH (`configs/dit_digits.py`) trained class-conditionally by the same trainer in
-   `<workdir>/dit` (checkpoints, metrics.jsonl, resume): each step encodes its batch of whole
-   train digits (`input.train_crop="center"`; a random crop would cut them) with the frozen UAE
-   and normalises the 8 x 8 x 64 latents with their exact per-element statistics, computed in
-   one pass over the train split on first use (`<workdir>/uae/latent_stats_*.npz`).
+3. The latents of the whole train digits (ADM centre crop, no mirrors: digits are not
+   mirror-symmetric), encoded once with the frozen UAE in eval mode, stored with their exact
+   per-element statistics in `<workdir>/latents` (`python -m uae_jax.generate latents`).
+   A tiny DiT^DH (`configs/dit_digits.py`) is trained class-conditionally on them by the same
+   trainer in `<workdir>/dit` (checkpoints, metrics.jsonl, resume), each step normalising its
+   8 x 8 x 64 latents with those statistics (`latent.source='stored'`: no encoder pass per step).
 4. Samples of every class with `python -m uae_jax.generate sample`'s library function (Euler on
    the shifted grid), without guidance and with CFG, as ADM-format .npz files in `<workdir>`.
 5. The judge, independent of everything above: a scikit-learn MLP classifier trained on the real
@@ -64,7 +65,22 @@ def train_tokenizer(workdir: str, steps: int) -> str:
   return wd
 
 
-def train_dit(workdir: str, tok_workdir: str, steps: int, seed: int) -> str:
+def encode_latents(workdir: str, tok_workdir: str) -> str:
+  """Stores the train digits' latents + statistics in `<workdir>/latents` (once per tokenizer)."""
+  from uae_jax.generate import cli  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, "latents")
+  manifest = os.path.join(out, "manifest.json")
+  tok_done = os.path.join(tok_workdir, "summary.json")
+  if (os.path.exists(manifest) and json.load(open(manifest)).get("tokenizer_workdir") == tok_workdir
+      and os.path.getmtime(manifest) > os.path.getmtime(tok_done)):
+    return out  # written after the tokenizer finished: still its latents
+  cli.encode_latents(cli.parser().parse_args([
+      "latents", f"--config=configs/dit_digits.py:tok={tok_workdir}", "--no-hflip",
+      f"--out={out}"]))
+  return out
+
+
+def train_dit(workdir: str, tok_workdir: str, steps: int, seed: int, lat_dir: str = "") -> str:
   """Trains (or resumes, or skips) the tiny DiT^DH with the trainer in `<workdir>/dit`."""
   from configs import dit_digits  # pylint: disable=g-import-not-at-top
   from uae_jax import train  # pylint: disable=g-import-not-at-top
@@ -72,7 +88,8 @@ def train_dit(workdir: str, tok_workdir: str, steps: int, seed: int) -> str:
   done = os.path.join(wd, "summary.json")
   if os.path.exists(done) and json.load(open(done)).get("final_step") == steps:
     return wd
-  config = dit_digits.get_config(f"steps={steps},tok={tok_workdir}")
+  arg = f"steps={steps},tok={tok_workdir}" + (f",lat={lat_dir}" if lat_dir else "")
+  config = dit_digits.get_config(arg)
   config.seed = seed
   train.train_and_evaluate(config, wd)
   return wd
@@ -213,7 +230,9 @@ def run_demo(workdir: str, uae_steps: int, dit_steps: int, per_class: int, cfg_s
   t = time.time()
   tok_wd = train_tokenizer(workdir, uae_steps)
   t = tick("tokenizer", t)
-  dit_wd = train_dit(workdir, tok_wd, dit_steps, seed)
+  lat_dir = encode_latents(workdir, tok_wd)
+  t = tick("latents", t)
+  dit_wd = train_dit(workdir, tok_wd, dit_steps, seed, lat_dir)
   t = tick("dit", t)
   sets = [generate(dit_wd, per_class, s, seed + 42) for s in (1.0, cfg_scale)]
   t = tick("sampling", t)

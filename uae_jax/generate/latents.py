@@ -325,7 +325,8 @@ def _finish_latent_dir(config, out: str, stats: dict, written: int, hflip: bool,
     multihost_utils.sync_global_devices("latent_shards_written")
   if jax.process_index() != 0:
     return
-  info = {"latent": tag or "tokenize", "tokenizer_config": config.tokenizer.config, "tokenizer_workdir": config.tokenizer.workdir,
+  info = {"latent": tag or "tokenize", "tokenizer_config": config.tokenizer.config,
+          "tokenizer_workdir": config.tokenizer.workdir,
           "source": config.input.source, "split": config.input.split, "hflip": hflip}
   save_stats(os.path.join(out, STORED_STATS), stats, info)
   shards = [f"latents-{p:05d}-of-{jax.process_count():05d}.array_record"

@@ -157,7 +157,7 @@ LATENT_SOURCES = ("tokenizer", "stored")
 
 
 def latent_source(config) -> str:
-  """'tokenizer' (encode on the fly) or 'stored' (`latent.dir`); runs without the key: 'tokenizer'."""
+  """'tokenizer' (on the fly) or 'stored' (`latent.dir`); 'tokenizer' for runs without the key."""
   return config.latent.get("source", "tokenizer")
 
 
