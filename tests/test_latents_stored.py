@@ -5,6 +5,7 @@ latents equals the on-the-fly step."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,9 +98,14 @@ def test_pipeline_serves_stored_views_resumably(stored):
   it = pipeline.make_train_iterator(cfg)
   first = next(it)
   assert set(first) == {"latent", "label"} and first["latent"].shape == (8, 8, 8, 64)
-  for row, label in zip(first["latent"], first["label"]):  # each row is one stored view
-    hits = [(i, v) for i in range(len(z)) for v in range(2) if np.array_equal(z[i, v], row)]
-    assert len(hits) == 1 and labels[hits[0][0]] == label
+  views, records = [], []
+  for batch in (first, next(it), next(it), next(it)):  # the whole first epoch
+    for row, label in zip(batch["latent"], batch["label"]):  # each row is one stored view
+      hits = [(i, v) for i in range(len(z)) for v in range(2) if np.array_equal(z[i, v], row)]
+      assert len(hits) == 1 and labels[hits[0][0]] == label
+      records.append(hits[0][0]), views.append(hits[0][1])
+  assert sorted(records) == list(range(32))  # every record once per epoch
+  assert 8 <= sum(views) <= 24  # image or mirror, at random (binomial(32, 0.5): 99.9 %)
   state = it.get_state()
   nxt = [next(it) for _ in range(5)]  # crosses the 32-latent epoch boundary
   it2 = pipeline.make_train_iterator(cfg)
@@ -116,11 +122,10 @@ def test_dit_step_on_stored_latents_equals_on_the_fly(stored):
   st = latents._with_std(s)
   frozen = {"tokenizer": tok, "stats": {"mean": st["mean"], "std": st["std"]}}
   images = next(pipeline.make_eval_iterator(c_fly.input))["image"][:8]
-  labels = jnp.arange(8, dtype=jnp.int32)
+  labels = jnp.asarray([0, 3, 9, 10, 1, 2, 5, -1], jnp.int32)  # 10, -1: the null class
   z = latents.build_tokenizer(uae_cfg).apply({"params": tok}, jnp.asarray(images),
                                              method="tokenize")
-  state = jax.jit(lambda k: __import__("flax").linen.unbox(dit_task.init_state(c_fly, k)))(
-      jax.random.key(0))
+  state = jax.jit(lambda k: nn.unbox(dit_task.init_state(c_fly, k)))(jax.random.key(0))
   fly = jax.jit(dit_task.make_train_step(c_fly))(state, {"image": images, "label": labels}, frozen)
   sto = jax.jit(dit_task.make_train_step(c_st))(state, {"latent": z, "label": labels}, frozen)
   assert set(dit_task.batch_spec(c_st)) == {"latent", "label"}
