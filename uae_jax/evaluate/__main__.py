@@ -1,4 +1,4 @@
-"""`python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum, latent-spectrum}`: evaluate/cli.py."""
+"""`python -m uae_jax.evaluate {recon, fid-stats, gen, probe, spectrum, latent-spectrum, compress}`: evaluate/cli.py."""
 import sys
 
 from uae_jax.evaluate import cli
