@@ -27,7 +27,6 @@ multiprocess workers too). Eval pipelines do not substitute: the slot gets ``mas
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -239,24 +238,33 @@ def make_train_dataset(input_config: ml_collections.ConfigDict, *, source: Any =
 LATENT_MANIFEST = 'manifest.json'
 
 
+_LATENT_MAGIC = b'UAELAT1\n'
+_LATENT_HEADER = len(_LATENT_MAGIC) + 4 * 5  # magic, int32 label, V, H, W, C
+
+
 def latent_record(latents: np.ndarray, label: int) -> bytes:
-  """One stored-latent record: an .npz of float32 `latent` (V, H, W, C) (V views) and `label`."""
-  buf = io.BytesIO()
-  np.savez(buf, latent=np.asarray(latents, np.float32), label=np.int32(label))
-  return buf.getvalue()
+  """One stored-latent record: magic, int32 (label, V, H, W, C), float32 (V, H, W, C) data.
+
+  A flat little-endian layout (no zip, no pickle): parsing is one `np.frombuffer`.
+  """
+  z = np.ascontiguousarray(latents, '<f4')
+  if z.ndim != 4:
+    raise ValueError(f'latents of shape {z.shape}: expected (views, H, W, C)')
+  return _LATENT_MAGIC + np.asarray((label,) + z.shape, '<i4').tobytes() + z.tobytes()
 
 
 def parse_latent_record(data: bytes, where: str = '?') -> tuple[np.ndarray, np.int32]:
   """(latent (V, H, W, C) float32, label) of one record; LoadError naming `where` if garbage."""
   from uae_jax.errors import LoadError  # pylint: disable=g-import-not-at-top
-  try:
-    with np.load(io.BytesIO(data), allow_pickle=False) as f:
-      z, label = np.asarray(f['latent'], np.float32), np.int32(f['label'])
-  except Exception as e:  # pylint: disable=broad-except
-    raise LoadError(f'{where}: not a stored-latent record ({type(e).__name__})') from None
-  if z.ndim != 4:
-    raise LoadError(f'{where}: stored latent of shape {z.shape}, expected (views, H, W, C)')
-  return z, label
+  data = bytes(data)
+  if len(data) < _LATENT_HEADER or not data.startswith(_LATENT_MAGIC):
+    raise LoadError(f'{where}: not a stored-latent record ({len(data)} bytes, bad header)')
+  label, *shape = np.frombuffer(data, '<i4', 5, len(_LATENT_MAGIC)).tolist()
+  if min(shape) < 1 or len(data) != _LATENT_HEADER + 4 * int(np.prod(shape)):
+    raise LoadError(f'{where}: not a stored-latent record (shape {tuple(shape)} does not fit '
+                    f'its {len(data)} bytes)')
+  z = np.frombuffer(data, '<f4', offset=_LATENT_HEADER).reshape(shape).astype(np.float32)
+  return z, np.int32(label)
 
 
 def open_latent_dir(latent_dir: str) -> tuple[dict[str, Any], Any]:
