@@ -116,6 +116,7 @@ def test_pipeline_serves_stored_views_resumably(stored):
     np.testing.assert_array_equal(a["label"], b["label"])
 
 
+@pytest.mark.slow  # two compiles of the whole tiny DiT step (one with the UAE inside): ~50 s here
 def test_dit_step_on_stored_latents_equals_on_the_fly(stored):
   _, uae_cfg, tok, out, s = stored
   c_fly, c_st = _config(hflip=False), _config(hflip=False, lat_dir=out)
