@@ -209,6 +209,15 @@ def _to_iter(ds: grain.MapDataset, cfg: ml_collections.ConfigDict, name: str,
   return it.map(_Finalize(name, keep_index))
 
 
+def _shuffled_shard(cfg, n: int, pi: int, pc: int, num_epochs, what: str) -> grain.MapDataset:
+  """Record indices of process `pi`: seeded shuffle, equal shards, repeated for `num_epochs`."""
+  usable = n - n % pc  # Equal shard sizes keep every process on the same epoch at the same step.
+  if usable == 0:
+    raise ValueError(f'{what}, fewer than {pc} processes')
+  ds = grain.MapDataset.range(n).seed(int(cfg.shuffle_seed)).shuffle()
+  return ds[:usable][pi::pc].repeat(num_epochs)
+
+
 def make_train_dataset(input_config: ml_collections.ConfigDict, *, source: Any = None,
                        process_index: Optional[int] = None, process_count: Optional[int] = None,
                        num_epochs: Optional[int] = None, keep_index: bool = False) -> grain.IterDataset:
@@ -222,12 +231,8 @@ def make_train_dataset(input_config: ml_collections.ConfigDict, *, source: Any =
   if cfg.get('latent_dir', ''):  # stored latents (`python -m uae_jax.generate latents`)
     return _latent_train_dataset(cfg, pi, pc, batch, num_epochs, source)
   src = sources.make_source(cfg, cfg.split) if source is None else source
-  n = len(src)
-  usable = n - n % pc  # Equal shard sizes keep every process on the same epoch at the same step.
-  if usable == 0:
-    raise ValueError(f'input.split={cfg.split!r} has {n} records, fewer than {pc} processes')
-  ds = grain.MapDataset.range(n).seed(int(cfg.shuffle_seed)).shuffle()
-  ds = ds[:usable][pi::pc].repeat(num_epochs)
+  ds = _shuffled_shard(cfg, len(src), pi, pc, num_epochs,
+                       f'input.split={cfg.split!r} has {len(src)} records')
   ds = _ReadDecode(ds, src, substitute=True)
   ds = ds.random_map(_train_element(int(cfg.image_size), str(cfg.get('train_crop', 'random'))))
   ds = ds.batch(batch, drop_remainder=True)
@@ -304,13 +309,8 @@ def _latent_element(source: Any) -> Callable[[int, np.random.Generator], dict[st
 def _latent_train_dataset(cfg, pi: int, pc: int, batch: int, num_epochs, source=None):
   """The train stream of stored latents: the image pipeline's shuffle/shard/repeat/batch."""
   src = open_latent_dir(str(cfg.latent_dir))[1] if source is None else source
-  n = len(src)
-  usable = n - n % pc
-  if usable == 0:
-    raise ValueError(f'input.latent_dir={cfg.latent_dir!r} has {n} latents, fewer than {pc} '
-                     'processes')
-  ds = grain.MapDataset.range(n).seed(int(cfg.shuffle_seed)).shuffle()
-  ds = ds[:usable][pi::pc].repeat(num_epochs)
+  ds = _shuffled_shard(cfg, len(src), pi, pc, num_epochs,
+                       f'input.latent_dir={cfg.latent_dir!r} has {len(src)} latents')
   ds = ds.random_map(_latent_element(src))
   ds = ds.batch(batch, drop_remainder=True)
   return _to_iter(ds, cfg, 'train', keep_index=False)
