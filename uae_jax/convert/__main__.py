@@ -26,6 +26,15 @@ import sys
 from uae_jax.errors import UserError
 
 
+def _encoder_parser(sub, name: str, help_text: str):
+  """A converter subcommand for an HF vision encoder: --src, --out, --input-size."""
+  p = sub.add_parser(name, help=help_text)
+  p.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
+  p.add_argument("--out", required=True, help="output directory")
+  p.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  return p
+
+
 def _parser() -> argparse.ArgumentParser:
   """The argument parser of the four subcommands."""
   p = argparse.ArgumentParser(prog="python -m uae_jax.convert", description=__doc__,
@@ -58,23 +67,14 @@ def _parser() -> argparse.ArgumentParser:
                        "hf5 = transformers-5 in-memory")
   ue.add_argument("--decoder-grid", type=int, default=None,
                   help="latent grid of the written decoder_pos_embed (default: from arch.json, 16)")
-  c = sub.add_parser("clip", help="CLIP vision tower (HF CLIPVisionModel / CLIPModel) -> Flax Clip")
-  c.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
-  c.add_argument("--out", required=True, help="output directory")
-  c.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  c = _encoder_parser(sub, "clip", "CLIP vision tower (HF CLIPVisionModel / CLIPModel) -> Flax Clip")
   c.add_argument("--drop-post-norm", action="store_true",
                  help="discard post_layernorm (pooled output only; UAE-CLIP has none)")
-  sg = sub.add_parser("siglip2", help="SigLIP/SigLIP2 vision tower (HF) -> Flax Siglip params")
-  sg.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
-  sg.add_argument("--out", required=True, help="output directory")
-  sg.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  sg = _encoder_parser(sub, "siglip2", "SigLIP/SigLIP2 vision tower (HF) -> Flax Siglip params")
   sg.add_argument("--drop-final-norm", action="store_true",
                   help="discard post_layernorm's affine (UAE-SigLIP2 has none)")
   sg.add_argument("--drop-head", action="store_true", help="discard the attention-pool head")
-  ma = sub.add_parser("mae", help="MAE ViT (HF ViTMAEModel / ViTMAEForPreTraining) -> Flax Mae")
-  ma.add_argument("--src", required=True, help=".safetensors / .bin file or HF model dir")
-  ma.add_argument("--out", required=True, help="output directory")
-  ma.add_argument("--input-size", type=int, default=None, help="encoder input px (default: native)")
+  ma = _encoder_parser(sub, "mae", "MAE ViT (HF ViTMAEModel / ViTMAEForPreTraining) -> Flax Mae")
   ma.add_argument("--drop-final-norm", action="store_true",
                   help="discard the final layernorm's affine (the UAE MAEwNorm encoder has none)")
   dd = sub.add_parser("dino-disc", help="DINO ViT-S/8 discriminator backbone -> Flax params")
