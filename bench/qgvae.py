@@ -1,6 +1,6 @@
 """QG-VAE train step on this machine: images/s, the codebook search and reset share, memory.
 
-    python -m bench.qgvae [--sizes tiny,qggan] [--steps 5] [--batch 0] [--no-memory]
+    python -m bench.qgvae [--sizes tiny,qggan] [--steps 5] [--batch 0] [--no-memory | --memory-only]
 
 For each size (`tiny` = configs/qgvae.py:tiny, 16 px; `qggan` = the QGGAN default at 128 px, timed
 with the GAN not yet on, i.e. the plain G step of the first 5000 iterations):
@@ -10,6 +10,7 @@ with the GAN not yet on, i.e. the plain G step of the first 5000 iterations):
     share of the step (the reset runs every R steps, so its amortised share is t_reset / R / t_step);
   * `qggan` only: the train step compiled (never run) for 8 fake devices with the trainer's
     shardings, and XLA's per-device memory analysis (arguments, outputs, temporaries).
+    `--memory-only` does just this compile (no timing on one device).
 Prints readable lines and a final `RESULT {json}` line.
 """
 import argparse
@@ -112,14 +113,18 @@ frozen = jax.eval_shape(lambda: task.load_frozen(c))
 rep = sh.replicated(mesh)
 frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), frozen)
 step = jax.jit(task.make_train_step(c, "plain"), out_shardings=(state_sh, None), donate_argnums=0)
+import time
+t0, c0 = time.perf_counter(), time.process_time()
 comp = step.lower(state, batch, frozen).compile()
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 ma = comp.memory_analysis()
 book_sh = state_sh["params"]["codebook"].spec
 print("RESULT " + json.dumps({{
     "devices": jax.device_count(), "global_batch": {batch},
     "argument_mb": ma.argument_size_in_bytes / 2**20, "output_mb": ma.output_size_in_bytes / 2**20,
     "temp_mb": ma.temp_size_in_bytes / 2**20, "alias_mb": ma.alias_size_in_bytes / 2**20,
-    "codebook_spec": str(book_sh)}}))
+    "codebook_spec": str(book_sh), "compile_wall_s": wall, "compile_cpu_s": cpu,
+    "loadavg": os.getloadavg()}}))
 """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +144,16 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=0, help="override the batch (0 = the config's)")
   p.add_argument("--qggan-batch", type=int, default=4, help="timed batch at the QGGAN size")
   p.add_argument("--no-memory", action="store_true")
+  p.add_argument("--memory-only", action="store_true",
+                 help="only the QGGAN-size compile on 8 fake devices (no timing)")
+  p.add_argument("--memory-batch", type=int, default=16, help="global batch of that compile")
   args = p.parse_args(argv)
+  if args.memory_only:
+    result = {"qggan_8dev": memory_8_devices(args.memory_batch)}
+    print(f"qggan on 8 fake devices, global batch {args.memory_batch}: "
+          f"{json.dumps(result['qggan_8dev'])}", flush=True)
+    print("RESULT " + json.dumps(result))
+    return
   from uae_jax.metric_writers import quiet_library_logs  # pylint: disable=g-import-not-at-top
   quiet_library_logs()
   result = {}
@@ -153,8 +167,9 @@ def main(argv=None):
           f"{r['reset_s'] * 1e3:.2f} ms every {r['reset_every']} steps = "
           f"{100 * r['reset_share_amortised']:.3f} % amortised", flush=True)
     if size == "qggan" and not args.no_memory:
-      result["qggan_8dev"] = mem = memory_8_devices(16)
-      print(f"qggan on 8 fake devices, global batch 16: {json.dumps(mem)}", flush=True)
+      result["qggan_8dev"] = mem = memory_8_devices(args.memory_batch)
+      print(f"qggan on 8 fake devices, global batch {args.memory_batch}: {json.dumps(mem)}",
+            flush=True)
   print("RESULT " + json.dumps(result))
 
 

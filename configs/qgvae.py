@@ -9,6 +9,9 @@ Variants (comma-separated, e.g. `--config=configs/qgvae.py:qggan,tiny`):
              U-Net family with ONE shared codebook (f 2 at 32 px, f 3 at 128 px), no token order.
   pyramid    the Laplacian-pyramid ordering experiment instead of tail dropout.
   nogan      QGGAN size without the GAN (QG-VAE at 128 px).
+  gan        the QGGAN losses (discriminator, LPIPS + L1, adaptive weight) at any size, e.g. the
+             32 px demo: `:gan,total=100`. GAN start: `gan_start=N`, default total // 2 under
+             `total` (a short run must reach the GAN phase), else 5000.
   digits     the scikit-learn digits (8 x 8, upscaled to the image size) instead of the photos.
   tiny       shrunk for this CPU: 16 px, 16 tokens, 4 heads, D 16, K 32, small U-Nets.
   steps=N    tiny run length (default 60).
@@ -40,10 +43,18 @@ def model_config(qggan: bool, patch: bool) -> ml_collections.ConfigDict:
   return m
 
 
+def _gan_start(a) -> int:
+  """The GAN start step: `gan_start` if given, half of a `total` run, else the original's 5000."""
+  if a.gan_start >= 0:
+    return a.gan_start
+  return a.total // 2 if a.total else 5000
+
+
 def get_config(arg=None):
   """QG-VAE config (demo size unless `qggan`; global tokens unless `patch`)."""
   a = common.parse_arg(arg, tiny=False, steps=60, qggan=False, patch=False, pyramid=False,
-                       nogan=False, digits=False, total=0)
+                       nogan=False, digits=False, total=0, gan=False,
+                       gan_start=-1)
   c = ml_collections.ConfigDict()
   c.task = "qgvae"
   c.seed = 0
@@ -59,7 +70,7 @@ def get_config(arg=None):
       mode="none" if a.patch else ("pyramid" if a.pyramid else "tail_dropout"),
       dropout_prob=1.0 / 3.0, pyramid_levels=3, pyramid_weight=1.0))
   c.gan = ml_collections.ConfigDict(dict(
-      enabled=a.qggan and not a.nogan, start_step=5000, weight_scale=0.75, disc_channels=16,
+      enabled=(a.qggan or a.gan) and not a.nogan, start_step=_gan_start(a), weight_scale=0.75, disc_channels=16,
       disc_res_blocks=2, disc_lr=2e-4))
   c.optim = ml_collections.ConfigDict(dict(lr=2e-4, b1=0.9, b2=0.999, eps=1e-8,
                                            weight_decay=0.01, warmup_epochs=0.0))
