@@ -108,6 +108,9 @@ def get_config(arg=None):
     c.train.total_steps = a.total
     c.ckpt.every_steps = c.image_every_steps = c.eval_every_steps = a.total
     c.log_every_steps = max(a.total // 12, 1)
+  if c.gan.enabled and c.log_every_steps % 2 == 0:
+    # G and D steps alternate: an odd interval logs both kinds (an even one only ever D steps).
+    c.log_every_steps += 1
   return c
 
 
