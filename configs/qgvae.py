@@ -104,13 +104,18 @@ def get_config(arg=None):
   if a.tiny:
     tiny(c, a.steps)
   if a.total:
-    # A short comparison run: evaluate, save and write images only at the end.
-    c.train.total_steps = a.total
-    c.ckpt.every_steps = c.image_every_steps = c.eval_every_steps = a.total
-    c.log_every_steps = max(a.total // 12, 1)
+    short_run(c, a.total)
   if c.gan.enabled and c.log_every_steps % 2 == 0:
     # G and D steps alternate: an odd interval logs both kinds (an even one only ever D steps).
     c.log_every_steps += 1
+  return c
+
+
+def short_run(c: ml_collections.ConfigDict, total: int) -> ml_collections.ConfigDict:
+  """A short comparison run of `total` steps: evaluate, save and write images only at its end."""
+  c.train.total_steps = total
+  c.ckpt.every_steps = c.image_every_steps = c.eval_every_steps = total
+  c.log_every_steps = max(total // 12, 1)
   return c
 
 
