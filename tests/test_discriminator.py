@@ -77,7 +77,7 @@ def test_backbone_feature_order(tiny_disc):
 def test_default_key_depths_repeat_final_output():
   bb = disc.DinoViTBackbone(dim=32, depth=12, num_heads=2, mlp_hidden=64, image_size=32)
   x = _images(2, (1, 32, 32, 3))
-  feats = jax.jit(bb.apply)(nn.unbox(bb.init(jax.random.key(0), x)), x)
+  feats = jax.jit(bb.apply)(nn.unbox(jax.jit(bb.init)(jax.random.key(0), x)), x)  # init jitted too
   assert len(feats) == 5
   np.testing.assert_array_equal(feats[0], feats[4])  # block 11 twice (reference quirk)
   assert float(jnp.abs(feats[0] - feats[3]).max()) > 1e-3
