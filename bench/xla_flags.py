@@ -1,0 +1,69 @@
+"""Our B/B stage-1 step (the `vs_torch` step) under different XLA:CPU flags, interleaved.
+
+    python -m bench.xla_flags                                   # the default variants below
+    python -m bench.xla_flags --variants "" "--xla_cpu_use_onednn=true" --rounds 3
+
+XLA reads `XLA_FLAGS` once per process, so every variant runs in its own subprocess; the rounds
+alternate the variants (A, B, C, A, B, C, ...) so a change in machine load hits them alike. Each
+run prints its compile time, the best and median of three timed 2-step windows and the load.
+"""
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+# The defaults: no flag; YNNPACK's dot path off (every dot through Eigen); oneDNN matmuls as
+# custom calls. Flags that change numerics (fast math, flush-to-zero) are not candidates.
+VARIANTS = ("", "--xla_cpu_experimental_ynn_fusion_type=",
+            "--xla_cpu_experimental_onednn_custom_call=true")
+
+_CHILD = """
+import os, sys, numpy as np
+from bench import vs_torch as vt
+model = vt.jax_model("B", "B")
+params = vt.jax_params(model, 256)
+x = np.random.default_rng(0).uniform(size=(4, 256, 256, 3)).astype(np.float32)
+side = vt.JaxSide(model, params, x)
+compile_s, _ = side.compile()
+side.run(1)
+times = [side.run(2) for _ in range(3)]
+print(f"RESULT {compile_s:.2f} {min(times):.4f} {float(np.median(times)):.4f} "
+      f"{os.getloadavg()[0]:.2f}", flush=True)
+"""
+
+
+def run_variant(flags: str) -> dict:
+  """One fresh process under `flags`: compile seconds, best / median seconds per step, load."""
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  m = re.search(r"RESULT (\S+) (\S+) (\S+) (\S+)", out.stdout)
+  if m is None:
+    return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
+  return dict(zip(("compile_s", "best_s", "median_s", "load"), map(float, m.groups())))
+
+
+def main(argv=None):
+  """Prints one line per run and a summary of the best step time per variant."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="XLA_FLAGS strings")
+  p.add_argument("--rounds", type=int, default=2)
+  args = p.parse_args(argv)
+  runs = {v: [] for v in args.variants}
+  for r in range(args.rounds):
+    for v in args.variants:
+      res = run_variant(v)
+      runs[v].append(res)
+      print(f"round {r} | {v or '(none)'} | {res}", flush=True)
+  base = [x["best_s"] for x in runs[args.variants[0]] if "best_s" in x]
+  print("\n| XLA_FLAGS | best s/step per round | ratio to the first variant |\n|---|---|---|")
+  for v, rs in runs.items():
+    best = [x["best_s"] for x in rs if "best_s" in x]
+    ratio = statistics.median(base) / statistics.median(best) if best and base else float("nan")
+    print(f"| `{v or '(none)'}` | {' / '.join(f'{b:.2f}' for b in best)} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+  main()
