@@ -428,8 +428,9 @@ def test_recon_cli_matches_independent_recomputation(tiny_run, random_inception_
   abstract = cli.abstract_params(config, sharding_lib.make_mesh(config.mesh, jax.devices()[:1]))
   ema = ckpt_lib.restore_subtrees(workdir, {"ema": abstract})["ema"]
   model = uae_task.build_model(config)
-  direct = model.apply({"params": ema}, refs.astype(np.float32) / np.float32(255),
-                       method="reconstruct")
+  # Jitted: an eager (op-by-op) forward compiles one tiny program per op and costs more.
+  direct = jax.jit(lambda p, x: model.apply({"params": p}, x, method="reconstruct"))(
+      ema, refs.astype(np.float32) / np.float32(255))
   direct = np.floor(np.clip(np.asarray(direct, np.float64), 0, 1) * 255).astype(np.uint8)
   assert np.mean(direct != x_hat) < 1e-3 and np.max(np.abs(direct.astype(int) - x_hat)) <= 1
   assert res["metrics"] == saved["metrics"]
@@ -513,7 +514,8 @@ def test_recon_and_probe_cli_on_an_official_layout_checkpoint(tmp_path):
   recon = np.load(tmp_path / "r" / "recon.npz")
   refs = next(pipeline.make_eval_iterator(config.input))["image"]
   model = uae_task.build_model(config)
-  direct = model.apply({"params": params}, jnp.asarray(refs), method="reconstruct")
+  direct = jax.jit(lambda p, x: model.apply({"params": p}, x, method="reconstruct"))(
+      params, jnp.asarray(refs))  # jitted: eager op-by-op dispatch costs more than one compile
   direct = np.asarray(metrics_lib.to_uint8(direct))[recon["index"]]
   assert np.max(np.abs(direct.astype(int) - recon["recon"])) <= 1
   probe = cli.main(["probe", "--checkpoint", ckpt, "--config", spec, "--out", str(tmp_path / "p"),
