@@ -148,16 +148,11 @@ def main(argv=None):
                  help="only the QGGAN-size compile on 8 fake devices (no timing)")
   p.add_argument("--memory-batch", type=int, default=16, help="global batch of that compile")
   args = p.parse_args(argv)
-  if args.memory_only:
-    result = {"qggan_8dev": memory_8_devices(args.memory_batch)}
-    print(f"qggan on 8 fake devices, global batch {args.memory_batch}: "
-          f"{json.dumps(result['qggan_8dev'])}", flush=True)
-    print("RESULT " + json.dumps(result))
-    return
   from uae_jax.metric_writers import quiet_library_logs  # pylint: disable=g-import-not-at-top
   quiet_library_logs()
   result = {}
-  for size in args.sizes.split(","):
+  # --memory-only: no timed sizes, just the QGGAN-size compile on 8 fake devices below.
+  for size in ([] if args.memory_only else args.sizes.split(",")):
     c = make_config(size, args.batch or (args.qggan_batch if size == "qggan" else 0))
     r = time_step(c, args.steps)
     result[size] = r
@@ -166,10 +161,10 @@ def main(argv=None):
           f"{r['search_s'] * 1e3:.2f} ms = {100 * r['search_share']:.1f} % of the step; reset "
           f"{r['reset_s'] * 1e3:.2f} ms every {r['reset_every']} steps = "
           f"{100 * r['reset_share_amortised']:.3f} % amortised", flush=True)
-    if size == "qggan" and not args.no_memory:
-      result["qggan_8dev"] = mem = memory_8_devices(args.memory_batch)
-      print(f"qggan on 8 fake devices, global batch {args.memory_batch}: {json.dumps(mem)}",
-            flush=True)
+  if args.memory_only or ("qggan" in args.sizes.split(",") and not args.no_memory):
+    result["qggan_8dev"] = mem = memory_8_devices(args.memory_batch)
+    print(f"qggan on 8 fake devices, global batch {args.memory_batch}: {json.dumps(mem)}",
+          flush=True)
   print("RESULT " + json.dumps(result))
 
 

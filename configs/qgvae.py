@@ -70,8 +70,8 @@ def get_config(arg=None):
       mode="none" if a.patch else ("pyramid" if a.pyramid else "tail_dropout"),
       dropout_prob=1.0 / 3.0, pyramid_levels=3, pyramid_weight=1.0))
   c.gan = ml_collections.ConfigDict(dict(
-      enabled=(a.qggan or a.gan) and not a.nogan, start_step=_gan_start(a), weight_scale=0.75, disc_channels=16,
-      disc_res_blocks=2, disc_lr=2e-4))
+      enabled=(a.qggan or a.gan) and not a.nogan, start_step=_gan_start(a), weight_scale=0.75,
+      disc_channels=16, disc_res_blocks=2, disc_lr=2e-4))
   c.optim = ml_collections.ConfigDict(dict(lr=2e-4, b1=0.9, b2=0.999, eps=1e-8,
                                            weight_decay=0.01, warmup_epochs=0.0))
 

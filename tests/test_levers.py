@@ -16,6 +16,7 @@ from uae_jax.models import scan_utils
 from uae_jax.tasks import uae as uae_task
 from uae_jax.tasks.uae import DISC_SIZES
 
+from test_train import _abstract_batch  # the step's batch as ShapeDtypeStructs
 from test_train import _cfg  # the shared tiny-config helper
 from test_train import _run_steps as _run
 
@@ -197,8 +198,7 @@ def test_bfloat16_compute_keeps_float32_master_params(tmp_path):
   """Traced and lowered only: the step's output state dtypes and the forward's HLO operand types."""
   c = _cfg(compute_dtype="bfloat16", **{"loss.lpips": 0.0})  # LPIPS is float32 by design
   tr = train.Trainer(c, str(tmp_path), devices=jax.devices()[:1])
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.ctx.batch_sh)
-           for k, v in next(pipeline.make_train_iterator(c.input)).items() if k in tr.batch_keys}
+  batch = _abstract_batch(tr, c)
   _assert_float32_state(tr.state_abs)
   state, _ = jax.eval_shape(tr.step_fn(0), tr.state_abs, batch, tr.frozen)
   _assert_float32_state(state)

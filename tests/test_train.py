@@ -65,6 +65,13 @@ def _run_steps(config, workdir, n, devices=None, transform=None):
   return tr, init, jax.device_get(state), metrics
 
 
+def _abstract_batch(tr, config):
+  """The trainer's global train batch as sharded ShapeDtypeStructs, for tracing its step."""
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.ctx.batch_sh)
+          for k, v in next(pipeline.make_train_iterator(config.input)).items()
+          if k in tr.batch_keys}
+
+
 def _changed(a, b):
   """Per top-level group: did any leaf change?"""
   return {k: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k])))
@@ -145,9 +152,7 @@ def test_stage3_phases_key_one_step_each_traced_only(tmp_path, monkeypatch):
   monkeypatch.setattr(uae_task, "TASK", dataclasses.replace(uae_task.TASK, load_frozen=zeros))
   tr = train.Trainer(config, str(tmp_path))
   assert tr.task.phase_at is uae_task.phase_at
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=tr.ctx.batch_sh)
-           for k, v in next(pipeline.make_train_iterator(config.input)).items()
-           if k in tr.batch_keys}
+  batch = _abstract_batch(tr, config)
   fns = [tr.step_fn(s) for s in range(4)]
   assert sorted(tr._steps) == sorted(set(phases))
   assert fns[0] is fns[1] and len({id(f) for f in fns}) == 3
