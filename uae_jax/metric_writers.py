@@ -34,6 +34,25 @@ def is_remote(path: str) -> bool:
   return "://" in str(path)
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without pulling in PyTorch.
+
+  tensorboardX imports torch when it is installed (only to accept torch tensors), which costs
+  ~4 s in every training process of an environment that also converts PyTorch weights. We only
+  pass numpy, so torch is hidden during that one import unless something already loaded it.
+  """
+  import sys
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard, images to PNG and TensorBoard.
 
@@ -61,8 +80,7 @@ class MetricWriter:
     tb_dir = os.path.join(workdir, "tensorboard") if not self.remote else os.environ.get(
         "UAE_JAX_LOCAL_TB", "")
     if tensorboard and tb_dir:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(tb_dir)
+      self._tb = _summary_writer_class()(tb_dir)
     elif tensorboard:
       logging.warning("workdir %s is remote: TensorBoard events skipped (set UAE_JAX_LOCAL_TB to "
                       "a local directory to keep them); metrics.jsonl is still written", workdir)

@@ -41,6 +41,24 @@ def validate_config(config: ml_collections.ConfigDict, num_devices=None) -> task
   return task
 
 
+# Below this many state elements the init program's run time is negligible next to its compile.
+_FAST_INIT_MAX_ELEMENTS = 20_000_000
+
+
+def init_compiler_options(abstract_state):
+  """XLA options for the one-shot init program: LLVM -O0 for small states on CPU, else none.
+
+  The init program (a random draw per parameter) runs once. For the tiny configs of tests and
+  `make demo` on CPU, -O0 halves its compile (9.0 -> 4.4 s for the tiny UAE) and its run time
+  stays in milliseconds; values differ from -O2 by at most one float32 ulp (no FMA contraction).
+  Large states keep the default: there the unoptimised random draws would cost real time.
+  """
+  size = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract_state)))
+  if jax.default_backend() != "cpu" or size > _FAST_INIT_MAX_ELEMENTS:
+    return None
+  return {"xla_backend_optimization_level": 0}
+
+
 class _Preemption:
   """Turns SIGTERM into a flag checked between steps, so the loop can save before exiting."""
 
@@ -81,7 +99,8 @@ class Trainer:
     state_sh = sharding_lib.logical_shardings(boxed, mesh, config.sharding_rules)
     self.ctx = sharding_lib.Placement(
         mesh, state_sh, sharding_lib.abstract_with_shardings(nn.unbox(boxed), state_sh))
-    self._init = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=state_sh)
+    self._init = jax.jit(lambda k: nn.unbox(init_fn(k)), out_shardings=state_sh,
+                         compiler_options=init_compiler_options(boxed))
     # Frozen inputs of the step (e.g. LPIPS): not donated, not checkpointed, replicated.
     self.frozen = self.ctx.place(self.task.load_frozen(config), self.ctx.replicated)
 
