@@ -78,6 +78,11 @@ def _changed(a, b):
           for k in a}
 
 
+# The tiny stage-2 run of the mesh test: L1 + semantic (LPIPS is a frozen, replicated network and
+# would only add compile time) at a small learning rate (see that test).
+MESH_TEST_OVERRIDES = {"optim.peak_lr": 1e-4, "loss.lpips": 0.0}
+
+
 # Stage 2 runs by default (the encoder trains, the teacher must not); stages 1 and 3 with
 # `make test-slow` (stage 3's GAN step also runs in the phase test below).
 @pytest.mark.parametrize("module,expect", [
@@ -90,11 +95,13 @@ def _changed(a, b):
 def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
   overrides = {"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0} if module is stage3 else {}
   devices = None
+  steps = 4
   if module is stage2:
     # Default run: which params move does not depend on LPIPS (VGG16 adds ~10 s of compile) or
-    # on the mesh (8 fake devices compile ~20 % slower); the slow stages keep both.
-    overrides, devices = {"loss.lpips": 0.0}, jax.devices()[:1]
-  config = _cfg(module, steps=4, **overrides)
+    # on the mesh (8 fake devices compile ~20 % slower); the slow stages keep both. It is the
+    # single-device config of the mesh test below, so the two share their compiled programs.
+    overrides, devices, steps = dict(MESH_TEST_OVERRIDES), jax.devices()[:1], 6
+  config = _cfg(module, steps=steps, **overrides)
   _, init, state, (m,) = _run_steps(config, tmp_path, 1, devices=devices)
   before = {k: init[k] for k in ("params", "teacher", "ema")}
   disc_before = init.get("disc")
@@ -208,8 +215,7 @@ def test_single_device_and_2x4_mesh_agree(tmp_path):
   """
   runs = []
   for (d, f), devices in (((2, 4), None), ((1, 1), jax.devices()[:1])):
-    # L1 + semantic: LPIPS is a frozen, replicated network and would only add compile time.
-    config = _cfg(stage2, steps=6, **{"optim.peak_lr": 1e-4, "loss.lpips": 0.0})
+    config = _cfg(stage2, steps=6, **MESH_TEST_OVERRIDES)
     config.mesh.data, config.mesh.fsdp = d, f
     runs.append(_run_steps(config, tmp_path / f"mesh{d}x{f}", 3, devices=devices)[3])
   sharded, single = runs
