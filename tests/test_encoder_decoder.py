@@ -10,9 +10,16 @@ from uae_jax.models import dinov2
 from uae_jax.models import resize
 
 
-@pytest.mark.parametrize("size", ["S", "B", "L", "g"])
-@pytest.mark.parametrize("registers", [0, 4])
-@pytest.mark.parametrize("input_size", [224, 252])
+def _slow_unless(default, cases):
+  """Parametrize values: the `default` ones run by default, the rest only under `-m slow`."""
+  return [c if c in default else pytest.param(*c, marks=pytest.mark.slow) for c in cases]
+
+
+# By default the UAE's encoder (B, 4 registers, 224 px) and the other branch of every switch
+# (S, no registers, 252 px); the other sizes and combinations only trace more blocks.
+@pytest.mark.parametrize("size, registers, input_size", _slow_unless(
+    [("B", 4, 224), ("S", 0, 252)],
+    [(s, r, i) for s in ("S", "B", "L", "g") for r in (0, 4) for i in (224, 252)]))
 def test_encoder_shapes(size, registers, input_size):
   enc = dinov2.DinoV2(size=size, num_registers=registers, input_size=input_size)
   images = jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.float32)
@@ -30,8 +37,9 @@ def test_encoder_shapes(size, registers, input_size):
 def test_encoder_tiny_forward_is_normalised_and_row_major():
   enc = dinov2.DinoV2(size="tiny", input_size=224, pos_embed_grid=16)
   x = jax.random.uniform(jax.random.key(1), (2, 256, 256, 3))
-  v = nn.unbox(enc.init(jax.random.key(0), x))
-  grid, blocks = enc.apply(v, x, return_blocks=True)
+  # One jitted program (eager init/apply would compile one program per op).
+  grid, blocks = jax.jit(lambda k, x: enc.apply(nn.unbox(enc.init(k, x)), x, return_blocks=True))(
+      jax.random.key(0), x)
   assert grid.shape == (2, 16, 16, 64) and len(blocks) == 2
   # Non-affine final LayerNorm: every token has zero mean and unit variance.
   np.testing.assert_allclose(grid.mean(-1), 0.0, atol=1e-5)
@@ -83,7 +91,9 @@ def test_resize_matrix_identity_and_rows_sum_to_one():
     resize.resize_matrix(37, 16, "bilinear")
 
 
-@pytest.mark.parametrize("size", sorted(decoder.SIZES))
+# L and XL only trace more blocks (XL's tree is pinned by test_decoder_xl_parameter_count).
+@pytest.mark.parametrize("size", [s if s not in ("L", "XL") else pytest.param(
+    s, marks=pytest.mark.slow) for s in sorted(decoder.SIZES)])
 def test_decoder_shapes(size):
   dec = decoder.PixelDecoder(size=size)
   z = jax.ShapeDtypeStruct((2, 16, 16, 768), jnp.float32)
@@ -125,10 +135,15 @@ def test_sincos_first_half_encodes_column():
 def test_decoder_tiny_forward_adds_imagenet_stats_at_zero_output():
   dec = decoder.PixelDecoder(size="tiny")
   z = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
-  v = nn.unbox(dec.init(jax.random.key(1), z))
-  assert np.all(np.asarray(v["params"]["cls_token"]) == 0)
-  zeroed = jax.tree.map(jnp.zeros_like, v)
-  out = dec.apply(zeroed, z)
+
+  @jax.jit
+  def run(k, z):
+    """The initial CLS token and the output with every parameter zeroed."""
+    v = nn.unbox(dec.init(k, z))
+    return v["params"]["cls_token"], dec.apply(jax.tree.map(jnp.zeros_like, v), z)
+
+  cls_token, out = run(jax.random.key(1), z)
+  assert np.all(np.asarray(cls_token) == 0)
   assert out.shape == (2, 64, 64, 3)
   np.testing.assert_allclose(out[0, 0, 0], dinov2.IMAGENET_MEAN, rtol=1e-6)
 
@@ -160,7 +175,8 @@ def _decoder_params(weight_init=None, scan=False, seed=0):
   kw = {} if weight_init is None else {"weight_init": weight_init}
   dec = decoder.PixelDecoder(size="custom", dim=128, depth=2, num_heads=2, mlp_hidden=256,
                              patch_size=4, scan_blocks=scan, **kw)
-  return dec.init(jax.random.key(seed), jnp.zeros((1, 2, 2, 96)))["params"]
+  # Jitted: eager init compiles one program per op (the random draws are the same).
+  return jax.jit(dec.init)(jax.random.key(seed), jnp.zeros((1, 2, 2, 96)))["params"]
 
 
 def test_default_decoder_init_is_unchanged():
