@@ -105,9 +105,6 @@ def get_config(arg=None):
     tiny(c, a.steps)
   if a.total:
     short_run(c, a.total)
-  if c.gan.enabled and c.log_every_steps % 2 == 0:
-    # G and D steps alternate: an odd interval logs both kinds (an even one only ever D steps).
-    c.log_every_steps += 1
   return c
 
 

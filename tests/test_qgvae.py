@@ -423,15 +423,11 @@ def test_qggan_alternates_generator_and_discriminator(tmp_path):
   tr.close()
 
 
-def test_gan_variant_starts_halfway_and_logs_both_step_kinds():
-  """`gan,total=N`: QGGAN losses on at the demo size, GAN from N / 2 (or `gan_start`), and an odd
-  log interval so that the alternating G and D steps both get logged."""
+def test_gan_variant_starts_halfway():
+  """`gan,total=N`: QGGAN losses on at the demo size, GAN from N / 2 (or `gan_start`). (That a
+  log line shows both the G and the D step's metrics is the trainer's job: tests/test_train.py.)"""
   c = qg_config.get_config("gan,total=100")
   assert c.gan.enabled and c.gan.start_step == 50 and c.input.image_size == 32
-  assert c.log_every_steps % 2 == 1
   assert qg_config.get_config("gan,total=100,gan_start=7").gan.start_step == 7
   assert not qg_config.get_config("total=100").gan.enabled
   assert not qg_config.get_config("qggan,nogan").gan.enabled
-  # Every logged step of a GAN run alternates parity over a window of two intervals.
-  logged = [s for s in range(c.gan.start_step, 100) if s % c.log_every_steps == 0]
-  assert {s % 2 for s in logged} == {0, 1}

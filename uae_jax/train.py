@@ -166,11 +166,15 @@ class Trainer:
     meta = {"task": summary["task"], "stage": c.get("stage"), "recipe": c.get("recipe"),
             "total_steps": self.total, "config": c.to_json_best_effort()}
     step = start
+    # The newest value of every metric (device arrays, fetched only when logged): tasks that
+    # alternate step kinds (G / D) report different keys per step, and a log line shows both.
+    latest = {}
     with _Preemption() as preempt:
       while step < self.total:
         batch = self.global_batch(data_iter)
         t0 = time.time()
         state, metrics = self.train_step(state, batch, self.frozen, step)
+        latest.update(metrics)
         step += 1
         if step == start + 1:
           jax.block_until_ready(metrics["loss"])
@@ -178,7 +182,7 @@ class Trainer:
         last = step == self.total
         must_save = last or preempt.requested or step % c.ckpt.every_steps == 0
         if step % c.log_every_steps == 0 or last or must_save:
-          self._log(step, metrics, progress, write=step % c.log_every_steps == 0 or last)
+          self._log(step, latest, progress, write=step % c.log_every_steps == 0 or last)
         if must_save:
           self.ckpt.save(step, state, data_iter, dict(meta, step=step))
         if c.image_every_steps and (step % c.image_every_steps == 0 or last):
