@@ -14,14 +14,31 @@ TINY = dict(dim=32, depth=4, num_heads=2, mlp_hidden=64, patch_size=8, image_siz
 
 
 def _images(key, shape):
-  return jax.random.uniform(jax.random.key(key), shape, minval=-1.0, maxval=1.0)
+  """Uniform [-1, 1) float32 images from NumPy (an eager jax.random call compiles per shape)."""
+  return np.random.default_rng(key).uniform(-1.0, 1.0, shape).astype(np.float32)
+
+
+def _random_variables(module, *args, seed=0):
+  """Variables with the shapes of `module.init(*args)`, random values from NumPy.
+
+  The init itself is only traced (jax.eval_shape): compiling it costs as much as a forward and
+  its values are not what these tests check. Spectral-norm u, v are unit vectors, as at init.
+  """
+  rng = np.random.default_rng(seed)
+  abstract = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args))
+  fill = lambda a: 0.1 * rng.standard_normal(a.shape).astype(np.float32)
+  v = jax.tree.map(fill, abstract)
+  if "spectral" in v:
+    v["spectral"] = jax.tree.map(lambda a: a / np.linalg.norm(a), v["spectral"])
+  return v
 
 
 @pytest.fixture(scope="module")
 def tiny_disc():
-  """A tiny Discriminator and its variables, initialised once (init compiles slowly on CPU)."""
+  """A tiny Discriminator, random variables and its jitted apply (shared: compiles are slow)."""
   d = disc.Discriminator(**TINY)
-  return d, nn.unbox(jax.jit(d.init)(jax.random.key(0), _images(0, (2, 32, 32, 3))))
+  v = _random_variables(d, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  return d, v, jax.jit(d.apply, static_argnames=("train", "mutable"))
 
 
 def test_full_size_param_tree_and_shapes():
@@ -62,7 +79,7 @@ def test_full_size_param_tree_and_shapes():
 def test_backbone_feature_order(tiny_disc):
   bb = disc.DinoViTBackbone(**TINY)
   x = _images(1, (2, 40, 40, 3))
-  v = {"params": tiny_disc[1]["params"]["backbone"]}
+  v = {"params": tiny_disc[1]["params"]["backbone"]}  # the tiny discriminator's backbone
   feats, state = jax.jit(lambda v, x: bb.apply(v, x, capture_intermediates=True,
                                                mutable=["intermediates"]))(v, x)
   blocks = [state["intermediates"][f"blocks_{i}"]["__call__"][0] for i in range(4)]
@@ -77,7 +94,7 @@ def test_backbone_feature_order(tiny_disc):
 def test_default_key_depths_repeat_final_output():
   bb = disc.DinoViTBackbone(dim=32, depth=12, num_heads=2, mlp_hidden=64, image_size=32)
   x = _images(2, (1, 32, 32, 3))
-  feats = jax.jit(bb.apply)(nn.unbox(jax.jit(bb.init)(jax.random.key(0), x)), x)  # init jitted too
+  feats = jax.jit(bb.apply)(_random_variables(bb, x), x)
   assert len(feats) == 5
   np.testing.assert_array_equal(feats[0], feats[4])  # block 11 twice (reference quirk)
   assert float(jnp.abs(feats[0] - feats[3]).max()) > 1e-3
@@ -157,7 +174,7 @@ def test_backbone_matches_torch_reference_forward():
                                 "fc2": lin(blk.fc2.weight, blk.fc2.bias)}}
   bb = disc.DinoViTBackbone(dim=dim, depth=depth, num_heads=heads, mlp_hidden=64, patch_size=patch,
                             image_size=size, key_depths=(1, 3))
-  feats = bb.apply({"params": p}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  feats = jax.jit(bb.apply)({"params": p}, jnp.asarray(x.transpose(0, 2, 3, 1)))
   assert len(feats) == 3
   for f, a in zip(feats, acts):
     assert np.abs(np.asarray(f) - a.numpy()).max() <= 1e-5
@@ -181,7 +198,7 @@ def _sigma(weight, u, v):
 def test_spectral_norm_converges_to_largest_singular_value():
   conv = disc.SpectralNormConv1d(features=6, kernel_size=3)
   x = _images(4, (2, 10, 5))
-  v = nn.unbox(conv.init(jax.random.key(0), x))
+  v = nn.unbox(jax.jit(conv.init)(jax.random.key(0), x))
   weight, w_mat = _sn_conv_weight(3, 5, 6, [3.0, 1.5, 1.0, 0.7, 0.4, 0.1])
   params = {"weight": jnp.asarray(weight), "bias": v["params"]["bias"]}
   state = v["spectral"]
@@ -193,7 +210,7 @@ def test_spectral_norm_converges_to_largest_singular_value():
   sigma = _sigma(weight, state["u"], state["v"])
   assert abs(sigma - s_max) / s_max < 1e-3, (sigma, s_max)
   # The eval-mode output is the conv with the kernel divided by that sigma.
-  y = conv.apply({"params": params, "spectral": state}, x)
+  y = jax.jit(conv.apply)({"params": params, "spectral": state}, x)
   xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (0, 0)), mode="wrap")
   ref = sum(np.einsum("bnc,co->bno", xp[:, t:t + 10], weight[t]) for t in range(3)) / sigma
   np.testing.assert_allclose(y, ref + np.asarray(params["bias"]), atol=1e-5)
@@ -202,13 +219,14 @@ def test_spectral_norm_converges_to_largest_singular_value():
 def test_spectral_norm_eval_mode_keeps_state():
   conv = disc.SpectralNormConv1d(features=4, kernel_size=9)
   x = _images(5, (2, 12, 3))
-  v = nn.unbox(conv.init(jax.random.key(0), x))
-  y, upd = conv.apply(v, x, False, mutable=["spectral"])
+  v = nn.unbox(jax.jit(conv.init)(jax.random.key(0), x))
+  apply = jax.jit(conv.apply, static_argnums=2, static_argnames="mutable")
+  y, upd = apply(v, x, False, mutable=("spectral",))
   for name in ("u", "v"):
     np.testing.assert_array_equal(upd["spectral"][name], v["spectral"][name])
-  np.testing.assert_array_equal(y, conv.apply(v, x))  # no mutable collection needed in eval
-  _, upd = conv.apply(v, x, True, mutable=["spectral"])
-  assert float(jnp.abs(upd["spectral"]["v"] - v["spectral"]["v"]).max()) > 1e-3
+  np.testing.assert_array_equal(y, apply(v, x, False))  # no mutable collection needed in eval
+  _, upd = apply(v, x, True, mutable=("spectral",))
+  assert float(np.abs(upd["spectral"]["v"] - v["spectral"]["v"]).max()) > 1e-3
   with pytest.raises(Exception):  # train mode must be told it may update u, v
     conv.apply(v, x, True)
 
@@ -226,11 +244,12 @@ def test_spectral_norm_matches_torch_over_train_calls():
   variables = {"params": {"weight": t(ref.weight_orig).transpose(2, 1, 0), "bias": t(ref.bias)},
                "spectral": {"u": t(ref.weight_u), "v": t(ref.weight_v)}}
   conv = disc.SpectralNormConv1d(features=c_out, kernel_size=k)
+  apply = jax.jit(conv.apply, static_argnums=2, static_argnames="mutable")
   rs = np.random.RandomState(0)
   for call in range(3):
     x = rs.randn(2, c_in, n).astype(np.float32)
     y_ref = t(ref(torch.from_numpy(x)))
-    y, upd = conv.apply(variables, jnp.asarray(x.transpose(0, 2, 1)), True, mutable=["spectral"])
+    y, upd = apply(variables, jnp.asarray(x.transpose(0, 2, 1)), True, mutable=("spectral",))
     variables = {"params": variables["params"], "spectral": upd["spectral"]}
     assert np.abs(np.asarray(y).transpose(0, 2, 1) - y_ref).max() <= 1e-5, call
     np.testing.assert_allclose(upd["spectral"]["u"], t(ref.weight_u), atol=1e-6)
@@ -238,7 +257,7 @@ def test_spectral_norm_matches_torch_over_train_calls():
   ref.eval()
   x = rs.randn(2, c_in, n).astype(np.float32)
   y_ref = t(ref(torch.from_numpy(x)))
-  y = conv.apply(variables, jnp.asarray(x.transpose(0, 2, 1)))
+  y = apply(variables, jnp.asarray(x.transpose(0, 2, 1)), False)
   assert np.abs(np.asarray(y).transpose(0, 2, 1) - y_ref).max() <= 1e-5
 
 
@@ -281,11 +300,12 @@ def test_head_matches_torch_reference():
       "spectral": {"conv_in": conv_s(block0[0]), "res_conv": conv_s(block1[0]),
                    "conv_out": conv_s(out)}}
   head = disc.DiscHead()
+  apply = jax.jit(head.apply, static_argnums=2, static_argnames="mutable")
   rs = np.random.RandomState(1)
   for call in range(2):
     x = rs.randn(3, c, n).astype(np.float32) * 2
     y_ref = t(ref(torch.from_numpy(x)))  # modules are in train mode
-    y, upd = head.apply(variables, jnp.asarray(x.transpose(0, 2, 1)), True, mutable=["spectral"])
+    y, upd = apply(variables, jnp.asarray(x.transpose(0, 2, 1)), True, mutable=("spectral",))
     variables = {"params": variables["params"], "spectral": upd["spectral"]}
     assert y.shape == (3, n)
     assert np.abs(np.asarray(y) - y_ref).max() <= 1e-5, call
@@ -293,36 +313,42 @@ def test_head_matches_torch_reference():
 
 def test_batchnorm_local_per_sample_statistics():
   bn = disc.BatchNormLocal()
+  apply = jax.jit(bn.apply)
   rs = np.random.RandomState(0)
   x = rs.randn(3, 50, 4) * np.array([0.1, 1.0, 10.0, 3.0]) + np.array([5.0, -2.0, 0.0, 1.0])
-  x = jnp.asarray(x * np.array([1.0, 4.0, 0.5])[:, None, None], jnp.float32)
-  v = bn.init(jax.random.key(0), x)
-  y = bn.apply(v, x)
+  x = (x * np.array([1.0, 4.0, 0.5])[:, None, None]).astype(np.float32)
+  v = jax.jit(bn.init)(jax.random.key(0), x)
+  y = np.asarray(apply(v, x))
   np.testing.assert_allclose(y.mean(axis=1), 0.0, atol=1e-5)
   # Unit variance up to the eps: var / (var + 1e-6) of the biased variance (0.9996 at std 0.05).
   var = np.asarray(x, np.float64).var(axis=1)
   np.testing.assert_allclose(y.var(axis=1), var / (var + 1e-6), atol=1e-5)
   # Affine: per-channel scale and bias applied after normalisation.
-  p = {"params": {"scale": jnp.array([1.0, 2.0, 3.0, 4.0]),
-                  "bias": jnp.array([0.0, 1.0, 2.0, 3.0])}}
-  np.testing.assert_allclose(bn.apply(p, x), y * p["params"]["scale"] + p["params"]["bias"],
+  p = {"params": {"scale": np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+                  "bias": np.array([0.0, 1.0, 2.0, 3.0], np.float32)}}
+  np.testing.assert_allclose(apply(p, x), y * p["params"]["scale"] + p["params"]["bias"],
                              atol=1e-5)
   # Independent of the other samples in the batch.
-  x2 = x.at[1:].set(jnp.asarray(rs.randn(2, 50, 4), jnp.float32) * 100)
-  np.testing.assert_array_equal(bn.apply(v, x2)[0], y[0])
-  np.testing.assert_allclose(bn.apply(v, x[:1])[0], y[0], atol=1e-6)
+  x2 = x.copy()
+  x2[1:] = rs.randn(2, 50, 4).astype(np.float32) * 100
+  np.testing.assert_array_equal(np.asarray(apply(v, x2))[0], y[0])
+  np.testing.assert_allclose(np.asarray(apply(v, x[:1]))[0], y[0], atol=1e-6)
 
 
 def test_discriminator_logits_and_frozen_backbone_grads(tiny_disc):
-  d, v = tiny_disc
+  d, v, apply = tiny_disc
   x = _images(6, (2, 48, 48, 3))
-  logits = jax.jit(d.apply)(v, x)
+  logits = apply(v, x)
   assert logits.shape == (2, 5 * 16) and logits.dtype == jnp.float32
 
   def loss(params, x):
     return jnp.mean(d.apply({"params": params, "spectral": v["spectral"]}, x) ** 2)
 
-  g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(v["params"], x)
+  # Sanity check of the test: an unfrozen backbone does get gradients (one compile for both).
+  d_open = disc.Discriminator(**TINY, freeze_backbone=False)
+  loss_open = lambda p: jnp.mean(d_open.apply({"params": p, "spectral": v["spectral"]}, x) ** 2)
+  (g_params, g_x), g_open = jax.jit(lambda p, x: (jax.grad(loss, argnums=(0, 1))(p, x),
+                                                  jax.grad(loss_open)(p)))(v["params"], x)
   for leaf in jax.tree.leaves(g_params["backbone"]):
     assert float(jnp.abs(leaf).max()) == 0.0
   for j in range(5):
@@ -330,17 +356,12 @@ def test_discriminator_logits_and_frozen_backbone_grads(tiny_disc):
     assert min(norms) > 0.0, (j, norms)
   # The gradient still reaches the image (the generator's GAN term needs it).
   assert float(jnp.abs(g_x).max()) > 0.0
-  # Sanity check of the test: an unfrozen backbone does get gradients.
-  d_open = disc.Discriminator(**TINY, freeze_backbone=False)
-  loss_open = lambda p: jnp.mean(d_open.apply({"params": p, "spectral": v["spectral"]}, x) ** 2)
-  g_open = jax.jit(jax.grad(loss_open))(v["params"])
   assert float(jnp.abs(g_open["backbone"]["blocks_0"]["attn"]["query"]["kernel"]).max()) > 0.0
 
 
 def test_discriminator_train_mode_updates_spectral_state(tiny_disc):
-  d, v = tiny_disc
-  x = _images(7, (2, 32, 32, 3))
-  apply = jax.jit(d.apply, static_argnames=("train", "mutable"))
+  _, v, apply = tiny_disc
+  x = _images(7, (2, 48, 48, 3))  # the logits test's shape: its compiled eval forward is reused
   y_eval = apply(v, x)
   y_train, upd = apply(v, x, train=True, mutable=("spectral",))
   assert set(upd) == {"spectral"}
