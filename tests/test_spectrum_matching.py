@@ -123,7 +123,9 @@ def test_white_noise_band_energies_flat():
   # sqrt(2 / (count * C * B)).
   b, c, s = 16, 8, 32
   x = jax.random.normal(jax.random.key(0), (b, s, s, c))
-  e = np.asarray(sp.radial_band_energy(sp.channel_agg_power(x, "none", False))).mean(0)
+  # Jitted: eager JAX compiles one program per op.
+  e = np.asarray(jax.jit(lambda x: sp.radial_band_energy(sp.channel_agg_power(x, "none", False)))(
+      x)).mean(0)
   se = np.sqrt(2.0 / (np.asarray(POP_32) * c * b))
   assert np.all(np.abs(e - 1.0) < 4 * se), (e, se)
 
@@ -161,8 +163,8 @@ def test_esm_matches_numpy_pipeline(delta, loss_type):
   ref, px, pz = np_esm(x, z, delta)
   if loss_type == "l2":
     ref = np.mean((pz - px) ** 2)
-  got = float(sp.esm_loss(jnp.asarray(x, jnp.float32), jnp.asarray(z, jnp.float32), delta,
-                          loss_type))
+  got = float(jax.jit(sp.esm_loss, static_argnums=(2, 3))(
+      jnp.asarray(x, jnp.float32), jnp.asarray(z, jnp.float32), delta, loss_type))
   np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-7)
 
 
@@ -184,7 +186,7 @@ def test_esm_gradient_reaches_only_the_latent():
   rs = np.random.default_rng(5)
   x = jnp.asarray(rs.uniform(-1, 1, (2, 64, 64, 3)), jnp.float32)
   z = jnp.asarray(rs.normal(size=(2, 16, 16, 4)), jnp.float32)
-  gx, gz = jax.grad(lambda a, b: sp.esm_loss(a, b, 1.0), argnums=(0, 1))(x, z)
+  gx, gz = jax.jit(jax.grad(lambda a, b: sp.esm_loss(a, b, 1.0), argnums=(0, 1)))(x, z)
   assert float(jnp.abs(gx).max()) == 0.0
   assert float(jnp.abs(gz).max()) > 0.0
 
@@ -207,7 +209,7 @@ def test_real_photo_spectrum_near_imagenet_rgb_row(photo_batch):
   # f16 at 256 px: the image brought to the 16 x 16 grid, analysis settings (no centring, DC kept).
   x = 2.0 * jnp.asarray(photo_batch) - 1.0
   z = jnp.zeros((x.shape[0], 16, 16, 4))
-  p = np.asarray(sp.analysis_distributions(x, z, 1.0)["image"]).mean(0)
+  p = np.asarray(jax.jit(lambda x, z: sp.analysis_distributions(x, z, 1.0)["image"])(x, z)).mean(0)
   diff = p - np.asarray(IMAGENET_RGB)
   # Four photos, not ImageNet: the DC-dominated first bins differ most (measured: +0.12, -0.07,
   # -0.03, -0.02, the rest within 0.007; docs/spectrum_matching.md).
@@ -219,7 +221,8 @@ def test_real_photo_spectrum_near_imagenet_rgb_row(photo_batch):
 def test_dsm_kept_counts_and_identity():
   assert [int(sp.dsm_keep_mask(k).sum()) for k in (0, 8, 10, 12)] == [64, 28, 15, 6]
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  np.testing.assert_array_equal(np.asarray(sp.dsm_mask(x, 0)), np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(jax.jit(sp.dsm_mask, static_argnums=1)(x, 0)),
+                                np.asarray(x))
 
 
 @pytest.mark.parametrize("k", [8, pytest.param(3, marks=pytest.mark.slow)])
