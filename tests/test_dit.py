@@ -17,19 +17,41 @@ from uae_jax.models import scan_utils
 TINY = dict(size="tiny", head_size="tiny", in_channels=8, input_size=4, num_classes=10)
 
 
-def _init(kind, scale=0.05, **kw):
-  """(model, params with every leaf perturbed so zero-initialised layers matter, inputs)."""
-  model = dit.build(dict(TINY, kind=kind, **kw))
+def _init(kind, scale=0.05):
+  """(model, params with every leaf perturbed so zero-initialised layers matter, inputs, raw init)."""
+  model = dit.build(dict(TINY, kind=kind))
   x = jax.random.normal(jax.random.key(1), (3, 4, 4, 8))
   t = jnp.asarray([0.05, 0.5, 0.97])
   y = jnp.asarray([1, 7, 10])
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x, t, y))["params"]
+  # An 'unsafe_rbg' key: the init's random draws then compile in about half the time of the
+  # default threefry ones (the init's compile is most of its cost); any key gives a valid init.
+  key = jax.random.key(0, impl="unsafe_rbg")
+  params = nn.unbox(jax.jit(model.init)(key, x, t, y))["params"]
   leaves, tree = jax.tree.flatten(params)
   # NumPy noise on host arrays: eager jax.random per leaf shape compiled one program per shape.
   rng = np.random.default_rng(2)
   leaves = [np.asarray(l) + np.float32(scale) * rng.standard_normal(l.shape, np.float32)
             for l in leaves]
-  return model, jax.tree.unflatten(tree, leaves), (x, t, y)
+  return model, jax.tree.unflatten(tree, leaves), (x, t, y), params
+
+
+def _tiny(kind):
+  """_init(kind) and the model's jitted forward `(params, x, t, y) -> (out, intermediates)`."""
+  model, params, inputs, raw = _init(kind)
+  fwd = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, capture_intermediates=True))
+  return model, params, inputs, raw, fwd
+
+
+# One init and one compiled forward per kind, shared by the tests below (compiling them is
+# most of this file's time).
+@pytest.fixture(scope="module")
+def ddt():
+  return _tiny("ddt")
+
+
+@pytest.fixture(scope="module")
+def lightning():
+  return _tiny("lightning")
 
 
 # ------------------------------------------------------------------------------ sizes
@@ -158,10 +180,9 @@ def _torch_forward(kind, p, x, t, y, body_heads, head_heads, collect):
 
 
 @pytest.mark.parametrize("kind", ["ddt", "lightning"])
-def test_forward_matches_torch_reference(kind):
-  model, params, (x, t, y) = _init(kind)
-  out, inter = jax.jit(lambda p: model.apply({"params": p}, x, t, y,
-                                             capture_intermediates=True))(params)
+def test_forward_matches_torch_reference(kind, request):
+  _, params, (x, t, y), _, fwd = request.getfixturevalue(kind)
+  out, inter = fwd(params, x, t, y)
   collect = []
   ref = _torch_forward(kind, params, x, t, y, 4, 4, collect)
   names = ["blocks_0", "blocks_1"] + (["head_blocks_0"] if kind == "ddt" else [])
@@ -173,12 +194,11 @@ def test_forward_matches_torch_reference(kind):
 
 
 # ------------------------------------------------------------------------------ properties
-def test_zero_init_output_is_zero():
-  model = dit.build(dict(TINY, kind="ddt"))
-  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
-  t, y = jnp.ones(2) * 0.5, jnp.zeros(2, jnp.int32)
-  out = jax.jit(lambda k: model.apply(model.init(k, x, t, y), x, t, y))(jax.random.key(0))
+def test_zero_init_output_is_zero(ddt):
+  _, _, (x, t, y), raw, fwd = ddt  # the initial params, before the fixture's perturbation
+  out, inter = fwd(raw, x, t, y)
   assert float(jnp.abs(out).max()) == 0
+  assert float(jnp.abs(inter["intermediates"]["head_blocks_0"]["__call__"][0]).max()) > 0
 
 
 def _apply(model, params, x, t, y):
@@ -186,9 +206,9 @@ def _apply(model, params, x, t, y):
   return jax.jit(lambda p: model.apply({"params": p}, x, t, y))(params)
 
 
-def test_scan_remat_same_function():
-  model, params, (x, t, y) = _init("ddt")
-  ref = _apply(model, params, x, t, y)
+def test_scan_remat_same_function(ddt):
+  _, params, (x, t, y), _, fwd = ddt
+  ref = fwd(params, x, t, y)[0]
   scanned = dit.build(dict(TINY, kind="ddt", scan_blocks=True, remat_policy="full"))
   p = scan_utils.stack_blocks(scan_utils.stack_blocks(params), "head_blocks")
   np.testing.assert_allclose(_apply(scanned, p, x, t, y), ref, atol=1e-5)
@@ -196,19 +216,20 @@ def test_scan_remat_same_function():
 
 @pytest.mark.slow
 def test_bf16_close_to_float32():
-  model, params, (x, t, y) = _init("ddt")
+  model, params, (x, t, y), _ = _init("ddt")
   ref = _apply(model, params, x, t, y)
   bf16 = dit.build(dict(TINY, kind="ddt", remat_policy="dots"), dtype=jnp.bfloat16)
   np.testing.assert_allclose(_apply(bf16, params, x, t, y), ref, atol=0.1)
 
 
-def test_label_dropout_all_means_null_class():
+def test_label_dropout_all_means_null_class(lightning):
+  _, params, (x, t, y), _, fwd = lightning
   model = dit.build(dict(TINY, kind="lightning", class_dropout_prob=1.0))
-  _, params, (x, t, y) = _init("lightning")
   dropped = jax.jit(lambda p: model.apply({"params": p}, x, t, y, train=True,
                                           rngs={"label_dropout": jax.random.key(3)}))(params)
-  null = _apply(model, params, x, t, jnp.full_like(y, 10))
+  null = fwd(params, x, t, jnp.full_like(y, 10))[0]  # eval mode: no dropout
   np.testing.assert_array_equal(dropped, null)
+  assert float(jnp.abs(null - fwd(params, x, t, y)[0]).max()) > 1e-4  # the labels matter
 
 
 def test_every_param_has_logical_axes():
