@@ -33,6 +33,11 @@ def _randomise(model, seed: int):
   return model.eval()
 
 
+def _run(model, params, x, **kw):
+  """model.apply({"params": params}, x, **kw) as one jitted program (eager compiles per op)."""
+  return jax.jit(lambda p, x: model.apply({"params": p}, x, **kw))(params, jnp.asarray(x))
+
+
 def _state_dict(model):
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
@@ -77,8 +82,7 @@ def test_clip_blocks_match_hf(hf_clip, size):
   assert arch["post_norm"] and arch["pos_embed_grid"] == 8 and arch["ln_eps"] == 1e-5
   x = _images(size)
   model = clip_lib.Clip(**{**arch, "input_size": size})
-  grid, blocks, pooled = model.apply({"params": params}, jnp.asarray(x), return_blocks=True,
-                                     return_pooled=True)
+  grid, blocks, pooled = _run(model, params, x, return_blocks=True, return_pooled=True)
   with torch.no_grad():
     ref = hf_clip(pixel_values=_nchw(x, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD),
                   output_hidden_states=True, interpolate_pos_encoding=size != 112)
@@ -95,7 +99,7 @@ def test_clip_blocks_match_hf(hf_clip, size):
 def test_clip_resizes_input_like_torch_bicubic(hf_clip):
   params, arch, _ = clip_convert.convert_clip(_state_dict(hf_clip), drop_post_norm=True)
   x = _images(128)  # the tokenizer image; resized 128 -> 112 inside the encoder
-  grid = clip_lib.Clip(**arch).apply({"params": params}, jnp.asarray(x))
+  grid = _run(clip_lib.Clip(**arch), params, x)
   xr = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
                                        size=(112, 112), mode="bicubic", align_corners=False)
   xr = xr.numpy().transpose(0, 2, 3, 1)
@@ -110,8 +114,7 @@ def test_siglip_blocks_match_hf(hf_siglip, size):
   assert info["layout"] == "siglip" and arch["pos_embed_convention"] == "torch_bicubic"
   x = _images(size)
   model = siglip_lib.Siglip(**{**arch, "input_size": size})
-  grid, blocks, pooled = model.apply({"params": params}, jnp.asarray(x), return_blocks=True,
-                                     return_pooled=True)
+  grid, blocks, pooled = _run(model, params, x, return_blocks=True, return_pooled=True)
   with torch.no_grad():
     ref = hf_siglip(pixel_values=_nchw(x, siglip_lib.SIGLIP_MEAN, siglip_lib.SIGLIP_STD),
                     output_hidden_states=True, interpolate_pos_encoding=size != 128)
@@ -123,7 +126,7 @@ def test_siglip_blocks_match_hf(hf_siglip, size):
   # UAE's encoder: post_layernorm without its affine = per-token standardised last block.
   p_uae, a_uae, _ = siglip_convert.convert_siglip(_state_dict(hf_siglip), drop_final_norm=True,
                                                   drop_head=True)
-  z = siglip_lib.Siglip(**{**a_uae, "input_size": size}).apply({"params": p_uae}, jnp.asarray(x))
+  z = _run(siglip_lib.Siglip(**{**a_uae, "input_size": size}), p_uae, x)
   last = ref.hidden_states[-1].numpy()
   ln = (last - last.mean(-1, keepdims=True)) / np.sqrt(last.var(-1, keepdims=True) + 1e-6)
   assert _maxdiff(z.reshape(2, g * g, 64), ln) <= TOL
@@ -134,8 +137,8 @@ def test_siglip2_naflex_matches_hf(hf_siglip2, size):
   params, arch, info = siglip_convert.convert_siglip(_state_dict(hf_siglip2))
   assert info["layout"] == "naflex" and arch["pos_embed_convention"] == "antialiased_bilinear"
   x = _images(size)
-  grid, pooled = siglip_lib.Siglip(**{**arch, "input_size": size}).apply(
-      {"params": params}, jnp.asarray(x), return_pooled=True)
+  grid, pooled = _run(siglip_lib.Siglip(**{**arch, "input_size": size}), params, x,
+                      return_pooled=True)
   g = size // 16
   xn = ((x - 0.5) / 0.5).astype(np.float32)
   # NaFlex input: patches flattened in (p, p, C) order, row-major over the grid.
@@ -258,12 +261,12 @@ def test_official_uae_clip_import_run_export(tmp_path, hf_clip):
   # Runs: the encoder is the HF tower's raw last block; the decoder maps it to 64 px images.
   enc = encoders.build({k: v for k, v in arch["encoder"].items()})
   x = _images(112)
-  z = enc.apply({"params": params["encoder"]}, jnp.asarray(x))
+  z = _run(enc, params["encoder"], x)
   with torch.no_grad():
     ref = hf_clip(pixel_values=_nchw(x, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD))
   assert _maxdiff(z.reshape(2, 64, 64), ref.last_hidden_state[:, 1:]) <= TOL
-  img = decoder_lib.PixelDecoder(**arch["decoder"], mean=clip_lib.CLIP_MEAN,
-                                 std=clip_lib.CLIP_STD).apply({"params": params["decoder"]}, z)
+  img = _run(decoder_lib.PixelDecoder(**arch["decoder"], mean=clip_lib.CLIP_MEAN,
+                                      std=clip_lib.CLIP_STD), params["decoder"], z)
   assert img.shape == (2, 64, 64, 3) and bool(jnp.all(jnp.isfinite(img)))
   # Exports back to the same keys, bit-exact.
   back = clip_convert.export_official_uae_clip(params, str(tmp_path / "out.safetensors"),
@@ -325,7 +328,7 @@ def test_registry_load_converted_dir_scanned_equals_unrolled(tmp_path, hf_clip, 
     c = dict(cfg, scan_blocks=scan)
     params = encoders.load(out, c)
     assert ("blocks" in params) == scan and ("blocks_0" in params) != scan
-    outs.append(np.asarray(encoders.build(c).apply({"params": params}, x)))
+    outs.append(np.asarray(_run(encoders.build(c), params, x)))
   assert outs[0].shape == (2, 8, 8, 64)
   assert _maxdiff(outs[0], outs[1]) <= 1e-5 * np.abs(outs[0]).max()  # same math, reordered
   if kind == "clip":
@@ -379,7 +382,7 @@ def test_spectrum_semantic_encoder_goes_through_the_registry(tmp_path, hf_clip):
   from uae_jax.evaluate import spectrum
   hf_clip.save_pretrained(tmp_path / "c")
   x = _images(112)
-  feats = spectrum.semantic_encoder("clip", str(tmp_path / "c"))(jnp.asarray(x))
+  feats = jax.jit(spectrum.semantic_encoder("clip", str(tmp_path / "c")))(jnp.asarray(x))
   assert set(feats) == {"clip"} and feats["clip"].shape == (2, spectrum.GRID, spectrum.GRID, 64)
   with torch.no_grad():
     ref = hf_clip(pixel_values=_nchw(x, clip_lib.CLIP_MEAN, clip_lib.CLIP_STD))
