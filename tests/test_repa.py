@@ -27,21 +27,19 @@ def _config(weight=0.5, **repa):
   return c
 
 
-def _init_params(config):
-  """Unboxed host params of a fresh train state (jitted: faster than eager here)."""
-  init = jax.jit(lambda k: nn.unbox(dit_task.init_state(config, k)["params"]))
-  return jax.device_get(init(jax.random.key(0)))
-
-
 @pytest.fixture(scope="module")
 def setup():
   """(config, model, perturbed params with projector, x1, labels, target, rng)."""
   c = _config()
-  params = _init_params(c)
-  # Perturb every leaf: the zero-initialised adaLN gates would otherwise make the blocks the
-  # identity and leave their attention/MLP weights without gradient.
+  # Random values on the abstract train-state tree (no init compile): norm scales around 1, every
+  # other leaf around 0. Every leaf is perturbed: the zero-initialised adaLN gates would otherwise
+  # make the blocks the identity and leave their attention/MLP weights without gradient.
+  shapes = jax.eval_shape(lambda k: nn.unbox(dit_task.init_state(c, k)["params"]),
+                          jax.random.key(0))
   rs = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: a + 0.05 * rs.standard_normal(a.shape).astype(a.dtype), params)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: (float(path[-1].key == "scale")
+                       + 0.05 * rs.standard_normal(a.shape)).astype(a.dtype), shapes)
   m = c.model
   x1 = jnp.asarray(rs.standard_normal((B, m.input_size, m.input_size, m.in_channels)), jnp.float32)
   target = jnp.asarray(rs.standard_normal((B, m.input_size**2, m.in_channels)), jnp.float32)
