@@ -60,7 +60,8 @@ def test_perturbed_conv_out_changes_output():
 
 def test_param_shapes_and_logical_axes():
   bands = _bands()
-  variables = SpectralModulator(features=C, num_bands=K).init(jax.random.key(0), bands)
+  # The same jitted init as test_perturbed_conv_out_changes_output: a compile-cache hit.
+  variables = jax.jit(SpectralModulator(features=C, num_bands=K).init)(jax.random.key(0), bands)
   params = variables["params"]
   expected = {
       ("conv_in", "kernel"): ((3, 3, K * C, C), (None, None, "embed", "mlp")),
