@@ -88,10 +88,13 @@ def load_tokenizer_params(config, uae_cfg) -> dict:
                         "tokenizer.allow_random=True for a toy run)")
     logging.warning("=" * 78 + "\nTOKENIZER IS RANDOMLY INITIALISED (tokenizer.workdir unset). "
                     "Toy runs only.\n" + "=" * 78)
-    s = uae_cfg.input.image_size
-    return jax.device_get(nn.unbox(build_tokenizer(uae_cfg).init(
-        {"params": jax.random.key(1), "noise": jax.random.key(1)}, jnp.zeros((1, s, s, 3)),
-        train=False))["params"])
+    from uae_jax.train import init_compiler_options  # pylint: disable=g-import-not-at-top
+    s, model = uae_cfg.input.image_size, build_tokenizer(uae_cfg)
+    init = lambda: nn.unbox(model.init({"params": jax.random.key(1), "noise": jax.random.key(1)},
+                                       jnp.zeros((1, s, s, 3)), train=False))["params"]
+    # Jitted: eagerly, Flax's init compiles one small program per op (~25 s for the tiny UAE).
+    return jax.device_get(jax.jit(init, compiler_options=init_compiler_options(
+        jax.eval_shape(init)))())
   sh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract_tokenizer_params(uae_cfg))
