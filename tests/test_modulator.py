@@ -14,23 +14,19 @@ K, C = 4, 16
 def _bands(batch=2, size=8, seed=0):
   """Bands of a random latent, (K, B, H, W, C) float32."""
   z = np.random.default_rng(seed).standard_normal((batch, size, size, C)).astype(np.float32)
-  return jax.jit(bands_lib.BandProjector(size, size, K).split)(z)
-
-
-def _init_apply(model, bands):
-  """model.apply(model.init(key 0, bands), bands) as one jitted program."""
-  return jax.jit(lambda b: model.apply(model.init(jax.random.key(0), b), b))(bands)
+  return bands_lib.BandProjector(size, size, K).split(z)
 
 
 def test_init_returns_exact_band_sum():
   bands = _bands()
   model = SpectralModulator(features=C, num_bands=K)
-  q = _init_apply(model, bands)
+  variables = model.init(jax.random.key(0), bands)
+  q = model.apply(variables, bands)
   assert q.shape == bands.shape[1:] and q.dtype == jnp.float32
   assert np.array_equal(np.asarray(q), np.asarray(bands.sum(0)))
   # bf16 compute: the zero-init residual still leaves the f32 band sum untouched.
   model16 = SpectralModulator(features=C, num_bands=K, dtype=jnp.bfloat16)
-  q16 = _init_apply(model16, bands)
+  q16 = model16.apply(model16.init(jax.random.key(0), bands), bands)
   assert q16.dtype == jnp.float32
   assert np.array_equal(np.asarray(q16), np.asarray(bands.sum(0)))
 
@@ -38,30 +34,28 @@ def test_init_returns_exact_band_sum():
 def test_perturbed_conv_out_changes_output():
   bands = _bands()
   model = SpectralModulator(features=C, num_bands=K)
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), bands))["params"]
+  params = nn.unbox(model.init(jax.random.key(0), bands))["params"]
   kernel = params["conv_out"]["kernel"]
   params["conv_out"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(1), kernel.shape)
-  apply = jax.jit(lambda p, b: model.apply({"params": p}, b))  # one program for all three
-  q = np.asarray(apply(params, bands))
+  q = np.asarray(model.apply({"params": params}, bands))
   delta = q - np.asarray(bands.sum(0))
   assert np.abs(delta).mean() > 1e-3
   # The residual depends on the individual bands, not just their sum: swapping two bands
   # keeps the sum but changes the output.
   swapped = bands[jnp.array([1, 0, 2, 3])]
-  q_swapped = np.asarray(apply(params, swapped))
+  q_swapped = np.asarray(model.apply({"params": params}, swapped))
   assert not np.allclose(q_swapped, q, atol=1e-4)
   # Bias only: a constant shift per channel.
   params["conv_out"]["kernel"] = jnp.zeros_like(kernel)
   params["conv_out"]["bias"] = jnp.arange(C, dtype=jnp.float32)
-  q = np.asarray(apply(params, bands))
+  q = np.asarray(model.apply({"params": params}, bands))
   np.testing.assert_allclose(q - np.asarray(bands.sum(0)),
                              np.broadcast_to(np.arange(C), q.shape), atol=1e-5)
 
 
 def test_param_shapes_and_logical_axes():
   bands = _bands()
-  # The same jitted init as test_perturbed_conv_out_changes_output: a compile-cache hit.
-  variables = jax.jit(SpectralModulator(features=C, num_bands=K).init)(jax.random.key(0), bands)
+  variables = SpectralModulator(features=C, num_bands=K).init(jax.random.key(0), bands)
   params = variables["params"]
   expected = {
       ("conv_in", "kernel"): ((3, 3, K * C, C), (None, None, "embed", "mlp")),
@@ -101,8 +95,8 @@ def test_sharded_init_and_apply_match_single_device():
         jax.random.key(7), params["conv_out"]["kernel"].shape)
     return params
 
-  # The single-device reference: the same init and apply jitted without a mesh.
-  ref = np.asarray(jax.jit(lambda r: model.apply({"params": init(r)}, bands))(jax.random.key(0)))
+  ref_params = init(jax.random.key(0))
+  ref = np.asarray(model.apply({"params": ref_params}, bands))
 
   abstract = jax.eval_shape(lambda r: model.init(r, bands), jax.random.key(0))
   specs = nn.get_partition_spec(abstract)["params"]
