@@ -143,7 +143,8 @@ def test_cfg_scale_one_sampler_equals_unguided_with_dit():
   # draws compile in about half the time of threefry ones; any key gives a valid init.
   key = jax.random.key(1, impl="unsafe_rbg")
   params = nn.unbox(jax.jit(model.init)(key, x, jnp.zeros(2), y))["params"]
-  params = jax.tree.map(lambda p: np.asarray(p) + np.float32(0.1), params)  # zero-init layers matter
+  # + 0.1: the zero-initialised layers must matter.
+  params = jax.tree.map(lambda p: np.asarray(p) + np.float32(0.1), params)
   outs = {}
   for mode, scale in (("none", 1.0), ("cfg", 1.0)):
     spec = sampling.SamplerSpec("euler", 4, 1.0, samplers.Guidance(mode, scale))

@@ -118,8 +118,6 @@ def test_lever_leaves_tiny_run_losses_unchanged(tmp_path, baseline, lever):
     assert q.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
 
 
-# Slow: the same guarantee over two optimiser steps of the real train step (the default test
-# above compares the first step's losses and gradients, which is where a broken lever shows).
 @pytest.fixture(scope="module")
 def baseline_run(tmp_path_factory):
   """The baseline model's two-step run: (initial host state, per-step metrics)."""
@@ -127,6 +125,8 @@ def baseline_run(tmp_path_factory):
   return init, metrics
 
 
+# Slow: the same guarantee over two optimiser steps of the real train step (the default test
+# above compares the first step's losses and gradients, which is where a broken lever shows).
 @pytest.mark.slow
 @pytest.mark.parametrize("lever", sorted(LEVERS))
 def test_lever_two_step_run_losses_unchanged(tmp_path, baseline_run, lever):
