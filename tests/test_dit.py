@@ -18,7 +18,7 @@ TINY = dict(size="tiny", head_size="tiny", in_channels=8, input_size=4, num_clas
 
 
 def _init(kind, scale=0.05):
-  """(model, params with every leaf perturbed so zero-initialised layers matter, inputs, raw init)."""
+  """(model, params with every leaf perturbed so zero-initialised layers matter, inputs, init)."""
   model = dit.build(dict(TINY, kind=kind))
   x = jax.random.normal(jax.random.key(1), (3, 4, 4, 8))
   t = jnp.asarray([0.05, 0.5, 0.97])
