@@ -83,6 +83,12 @@ def _changed(a, b):
 MESH_TEST_OVERRIDES = {"optim.peak_lr": 1e-4, "loss.lpips": 0.0}
 
 
+# Tests that run the same tiny programs share one xdist worker, so the later ones hit the
+# persistent compilation cache instead of compiling the same program on the other worker.
+SAME_STAGE2_RUN = pytest.mark.xdist_group("tiny_stage2_run")
+SAME_STAGE1_RUN = pytest.mark.xdist_group("tiny_stage1_run")
+
+
 # Stage 2 runs by default (the encoder trains, the teacher must not); stages 1 and 3 with
 # `make test-slow` (stage 3's GAN step also runs in the phase test below).
 @pytest.mark.parametrize("module,expect", [
@@ -92,6 +98,7 @@ MESH_TEST_OVERRIDES = {"optim.peak_lr": 1e-4, "loss.lpips": 0.0}
     pytest.param(stage3, {"encoder": True, "decoder": True, "modulator": True},
                  marks=pytest.mark.slow),
 ])
+@SAME_STAGE2_RUN
 def test_one_step_changes_exactly_the_trained_params(tmp_path, module, expect):
   overrides = {"gan.d_start_frac": 0.0, "gan.g_start_frac": 0.0} if module is stage3 else {}
   devices = None
@@ -204,6 +211,7 @@ def test_official_recipe_stage2_step_runs_with_clean_pass(tmp_path):
   assert set(state["params"]) == {"encoder", "decoder"}
 
 
+@SAME_STAGE2_RUN
 def test_single_device_and_2x4_mesh_agree(tmp_path):
   """Same tiny stage-2 run on 1 device and on a 2x4 (data, fsdp) mesh: same losses after 3 steps.
 
@@ -279,6 +287,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@SAME_STAGE1_RUN
 def test_non_finite_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   """A NaN loss at step 3 (a NaN image) stops the run before saving; the step-2 checkpoint stays.
 
@@ -384,6 +393,7 @@ def test_metric_writer_does_not_import_torch(tmp_path):
   assert os.listdir(tmp_path / "tensorboard") and (tmp_path / "metrics.jsonl").exists()
 
 
+@SAME_STAGE1_RUN
 def test_log_lines_show_the_newest_value_of_every_metric(tmp_path, monkeypatch):
   """Steps that alternate their metric keys (G / D) both reach every log line, even at an even
   interval; the step itself is faked (no compile): this is about the loop's logging."""
