@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -267,6 +268,43 @@ def _kill_after_first_checkpoint(workdir, *args):
   return proc.wait()
 
 
+@SAME_STAGE1_RUN
+def test_sigterm_then_resume_is_bit_exact(tmp_path, monkeypatch):
+  """SIGTERM (as a preempted TPU VM gets) during step 2 of 4: the run saves step 2 and stops; a
+  new Trainer resumes there and ends bit-identical to an uninterrupted run. In-process and on
+  the NaN test's programs (cache hits); the SIGKILL form below runs three processes (slow)."""
+  trainer_cls, preemptions, calls = train.Trainer, [], []
+  real_enter, real_batch = train._Preemption.__enter__, trainer_cls.global_batch
+
+  def enter(self):
+    preemptions.append(self)
+    return real_enter(self)
+
+  def batch_with_sigterm(self, data_iter):
+    calls.append(1)
+    if len(calls) == 2 and interrupt:
+      preemptions[-1]._handler(signal.SIGTERM, None)  # what the signal calls
+    return real_batch(self, data_iter)
+
+  monkeypatch.setattr(train._Preemption, "__enter__", enter)
+  monkeypatch.setattr(trainer_cls, "global_batch", batch_with_sigterm)
+  monkeypatch.setattr(train, "Trainer", functools.partial(trainer_cls, devices=jax.devices()[:1]))
+  config = _cfg(stage1, steps=4, **{"loss.lpips": 0.0})
+  interrupt = False
+  assert train.train_and_evaluate(config, str(tmp_path / "full"))["final_step"] == 4
+  interrupt, calls[:] = True, []
+  first = train.train_and_evaluate(config, str(tmp_path / "preempted"))
+  assert first["preempted_at"] == first["final_step"] == 2
+  interrupt = False
+  second = train.train_and_evaluate(config, str(tmp_path / "preempted"))
+  assert second["start_step"] == 2 and second["final_step"] == 4
+  (s_full, a), (s_res, b) = _final_params(tmp_path / "full"), _final_params(tmp_path / "preempted")
+  assert s_full == s_res == 4
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow  # ~1 min: three processes; the in-process SIGTERM resume above runs by default
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
   # L1 only (no VGG16 compile in each of the three processes): resume is about the state.
   # 12 steps, a checkpoint every 4: the kill must still land before the end (asserted below).
