@@ -22,7 +22,7 @@ _STEPS = flags.DEFINE_list("steps", [str(n) for n in DEFAULT_STEPS], "Steps of s
 # At 64 px the VGG16 of LPIPS is ~95 % of a tiny train step on a CPU (1.06 s vs 0.05 s at batch
 # 8), so the demo trains on L1 (+ semantic, + GAN in stage 3) and only evaluates LPIPS.
 _LPIPS = flags.DEFINE_float("lpips", 0.0, "LPIPS weight of the training loss (the recipe's 1.0 "
-                            "makes each step ~20x slower on a CPU); evaluation reports LPIPS always.")
+                            "makes each step ~20x slower on a CPU); evaluation always reports it.")
 
 
 def stage_config(stage: int, steps: int, prev_workdir: str, lpips: float = 0.0):
