@@ -31,30 +31,12 @@ def _config(hflip=True, lat_dir=""):
   return c
 
 
-def _random_tokenizer_params(uae_cfg):
-  """Random tokenizer params from numpy: LN scales 1, biases 0, weights N(0, 1/fan_in).
-
-  The toy path (`load_tokenizer_params` with `allow_random`) runs the model's init un-jitted,
-  one compile per op; the stored latents only need some fixed tokenizer.
-  """
-  rng = np.random.default_rng(1)
-
-  def leaf(path, a):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("scale", "bias"):
-      return np.full(a.shape, 1.0 if name == "scale" else 0.0, a.dtype)
-    fan_in = int(np.prod(a.shape[:-1])) or 1
-    return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, latents.abstract_tokenizer_params(uae_cfg))
-
-
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory):
   """(config, tokenizer config, tokenizer params, out dir, stats) of 2 encoded batches."""
   c = _config()
   uae_cfg = latents.tokenizer_config(c)
-  tok = _random_tokenizer_params(uae_cfg)
+  tok = latents.load_tokenizer_params(c, uae_cfg)
   out = str(tmp_path_factory.mktemp("latents"))
   s = latents.encode_dataset(c, uae_cfg, tok, out, hflip=True, max_batches=BATCHES)
   return c, uae_cfg, tok, out, s

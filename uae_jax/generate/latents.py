@@ -93,8 +93,9 @@ def load_tokenizer_params(config, uae_cfg) -> dict:
     init = lambda: nn.unbox(model.init({"params": jax.random.key(1), "noise": jax.random.key(1)},
                                        jnp.zeros((1, s, s, 3)), train=False))["params"]
     # Jitted: eagerly, Flax's init compiles one small program per op (~25 s for the tiny UAE).
-    return jax.device_get(jax.jit(init, compiler_options=init_compiler_options(
-        jax.eval_shape(init)))())
+    # One trace gives both the output shapes (for the compile options) and the program.
+    traced = jax.jit(init).trace()
+    return jax.device_get(traced.lower().compile(init_compiler_options(traced.out_info))())
   sh = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract_tokenizer_params(uae_cfg))
