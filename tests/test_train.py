@@ -268,6 +268,25 @@ def _kill_after_first_checkpoint(workdir, *args):
   return proc.wait()
 
 
+def _stage1_run_on_one_device(monkeypatch, on_batch=None):
+  """(config, fetch log) of the tiny stage-1 run the trainer-loop tests share (L1 only, 4 steps).
+
+  `train.Trainer` is patched onto 1 device (the loop does not depend on the mesh, and 1 device
+  compiles faster); `on_batch(n, batch) -> batch` sees the n-th batch the loop fetches.
+  """
+  trainer_cls, calls = train.Trainer, []
+  real_batch = trainer_cls.global_batch
+
+  def hooked(self, data_iter):
+    calls.append(1)
+    batch = real_batch(self, data_iter)
+    return on_batch(len(calls), batch) if on_batch else batch
+
+  monkeypatch.setattr(trainer_cls, "global_batch", hooked)
+  monkeypatch.setattr(train, "Trainer", functools.partial(trainer_cls, devices=jax.devices()[:1]))
+  return _cfg(stage1, steps=4, **{"loss.lpips": 0.0}), calls
+
+
 # Slow: ~1 min in the suite, no cheaper than the three-process SIGKILL test below, which covers
 # bit-exact resume by default (this one adds the graceful SIGTERM path).
 @pytest.mark.slow
@@ -275,23 +294,19 @@ def _kill_after_first_checkpoint(workdir, *args):
 def test_sigterm_then_resume_is_bit_exact(tmp_path, monkeypatch):
   """SIGTERM (as a preempted TPU VM gets) during step 2 of 4: the run saves step 2 and stops; a
   new Trainer resumes there and ends bit-identical to an uninterrupted run (in-process)."""
-  trainer_cls, preemptions, calls = train.Trainer, [], []
-  real_enter, real_batch = train._Preemption.__enter__, trainer_cls.global_batch
+  preemptions, real_enter = [], train._Preemption.__enter__
 
   def enter(self):
     preemptions.append(self)
     return real_enter(self)
 
-  def batch_with_sigterm(self, data_iter):
-    calls.append(1)
-    if len(calls) == 2 and interrupt:
+  def sigterm_at_second_batch(n, batch):
+    if n == 2 and interrupt:
       preemptions[-1]._handler(signal.SIGTERM, None)  # what the signal calls
-    return real_batch(self, data_iter)
+    return batch
 
   monkeypatch.setattr(train._Preemption, "__enter__", enter)
-  monkeypatch.setattr(trainer_cls, "global_batch", batch_with_sigterm)
-  monkeypatch.setattr(train, "Trainer", functools.partial(trainer_cls, devices=jax.devices()[:1]))
-  config = _cfg(stage1, steps=4, **{"loss.lpips": 0.0})
+  config, calls = _stage1_run_on_one_device(monkeypatch, sigterm_at_second_batch)
   interrupt = False
   assert train.train_and_evaluate(config, str(tmp_path / "full"))["final_step"] == 4
   interrupt, calls[:] = True, []
@@ -332,18 +347,9 @@ def test_non_finite_loss_stops_cleanly_and_keeps_last_good_checkpoint(tmp_path, 
 
   One run, one compile: the NaN comes through the data, so the step program is the ordinary one.
   """
-  trainer_cls = train.Trainer
-  real_batch, calls = trainer_cls.global_batch, []
-
-  def poisoned(self, data_iter):
-    batch = real_batch(self, data_iter)
-    calls.append(1)
-    return {k: v * np.float32("nan") for k, v in batch.items()} if len(calls) == 3 else batch
-
-  monkeypatch.setattr(trainer_cls, "global_batch", poisoned)
-  # One device: the failure handling does not depend on the mesh, and 1 device compiles faster.
-  monkeypatch.setattr(train, "Trainer", functools.partial(trainer_cls, devices=jax.devices()[:1]))
-  config = _cfg(stage1, steps=4, **{"loss.lpips": 0.0})
+  poison_third = lambda n, batch: ({k: v * np.float32("nan") for k, v in batch.items()}
+                                   if n == 3 else batch)
+  config, calls = _stage1_run_on_one_device(monkeypatch, poison_third)
   config.ckpt.every_steps = 1
   expected = r"non-finite \[.*'loss'.*\] at step 3 .*checkpoint \(step 2\)"
   with pytest.raises(train.NonFiniteLossError, match=expected):
@@ -443,9 +449,9 @@ def test_log_lines_show_the_newest_value_of_every_metric(tmp_path, monkeypatch):
     return state, {"loss": jnp.float32(step), **kind}
 
   monkeypatch.setattr(train.Trainer, "train_step", fake_step)
-  config = _cfg(stage1, steps=4, **{"loss.lpips": 0.0})  # the NaN test's run: same init program
+  config, _ = _stage1_run_on_one_device(monkeypatch)  # the NaN test's run: same init program
   config.log_every_steps = 2
-  tr = train.Trainer(config, str(tmp_path), devices=jax.devices()[:1])
+  tr = train.Trainer(config, str(tmp_path))
   try:
     tr.run()
   finally:
