@@ -10,8 +10,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the HLO turns those repeats into cache hits. A fresh directory per run keeps CI honest, and the
 # environment variable reaches the tests' subprocesses (resume, multi-host) too.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
   import tempfile
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="uae_jax_test_xla_cache_")
+  # Only the process that made it (pytest itself, not its xdist workers) removes it at exit.
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 from absl import flags  # noqa: E402
