@@ -18,9 +18,9 @@ $(BIN)/python:
 PIP := $(BIN)/pip install -q --no-compile
 PRECOMPILE := PYTHONDONTWRITEBYTECODE= $(BIN)/python -c
 
+# `-e .` builds with build isolation: pip fetches setuptools>=68 (pyproject.toml); the setuptools
+# of a fresh python3.11 venv cannot build the editable wheel without the `wheel` package.
 $(RUNTIME): $(BIN)/python requirements.txt pyproject.toml
-	# With build isolation: pip fetches setuptools>=68 (pyproject.toml) to build the editable
-	# install; the setuptools of a fresh python3.11 venv cannot without the `wheel` package.
 	$(PIP) -r requirements.txt -e .
 	$(PRECOMPILE) "import uae_jax.main, uae_jax.evaluate.cli, uae_jax.generate.cli, uae_jax.convert.uae, uae_jax.tasks.uae, uae_jax.tasks.dit, uae_jax.tasks.qgvae, uae_jax.tasks.kl_vae, uae_jax.evaluate.recon_eval, uae_jax.evaluate.inception, uae_jax.losses.reconstruction"
 	touch $(RUNTIME)

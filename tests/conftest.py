@@ -55,7 +55,7 @@ def photo_batch(photos):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the marks (it runs the hook too)
 def pytest_collection_modifyitems(config, items):
-  """Tests of one module that share a module-scoped fixture run on one xdist worker.
+  """Tests sharing a module fixture run on one xdist worker; `heavy` tests are handed out first.
 
   A module fixture is often a trained tiny run or a compiled network; under `--dist loadgroup`
   the group keeps it from being built once per worker.
@@ -66,3 +66,6 @@ def pytest_collection_modifyitems(config, items):
     defs = defs.name2fixturedefs if defs is not None else {}
     if any(d[-1].scope == "module" for d in defs.values()):
       item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  # xdist hands out groups first (largest first), then single tests in collection order; a long
+  # single test collected last would run alone at the end while the other worker idles.
+  items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

@@ -159,6 +159,7 @@ def test_stack_unstack_round_trip_is_bit_exact():
     scan_utils.stack_blocks({"blocks_0": {"w": np.zeros(1)}, "blocks_2": {"w": np.zeros(1)}})
 
 
+@pytest.mark.heavy
 def test_scanned_decoder_and_disc_backbone_match_unrolled():
   rng = np.random.default_rng(1)
   dec, dec_s = (decoder_lib.PixelDecoder(size="tiny", patch_size=8, scan_blocks=s)

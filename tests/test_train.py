@@ -148,6 +148,7 @@ def _forwarded_disc(fn, args):
   return res, out
 
 
+@pytest.mark.heavy
 def test_stage3_phases_key_one_step_each_traced_only(tmp_path, monkeypatch):
   """Cheap form of the phase test below: the schedule and the per-phase step, traced, not compiled.
 
@@ -321,6 +322,7 @@ def test_sigterm_then_resume_is_bit_exact(tmp_path, monkeypatch):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.heavy
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
   # L1 only (no VGG16 compile in each of the three processes): resume is about the state.
   # 12 steps, a checkpoint every 4: the kill must still land before the end (asserted below).

@@ -44,6 +44,7 @@ def _tiny_variables(recipe):
   return v, x
 
 
+@pytest.mark.heavy
 def test_paper_forward_at_init_decodes_the_plain_latent():
   model, v, x = _tiny()
 
@@ -99,6 +100,7 @@ def test_official_recipe_masks_in_eval_only_when_asked():
   np.testing.assert_allclose(out["recon_clean"], plain, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_tiny_gradient_step_under_jit():
   model, v, x = _tiny(noise_tau=0.8)
   opt = optax.adamw(1e-3)
