@@ -98,9 +98,10 @@ def test_loss_grads_and_step_match_pytorch(tiny_pair, photo_batch):
     np.testing.assert_allclose(moved[big], moved_ref[big], atol=1e-6, rtol=0, err_msg=str(path))
 
 
-def test_attention_implementations_agree():
+def test_attention_implementations_agree(monkeypatch):
   """Every CPU-available attention implementation equals a float64 numpy softmax attention."""
   from uae_jax.models import layers
+  monkeypatch.setattr(layers, "GROUP_MIN_TOKENS", 8)  # so the 9 tokens here split into groups
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 9, 32)).astype(np.float32) for _ in range(3))
   split = lambda t: t.astype(np.float64).reshape(2, 9, 4, 8).transpose(0, 2, 1, 3)
@@ -108,9 +109,15 @@ def test_attention_implementations_agree():
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   ref = (probs @ split(v)).transpose(0, 2, 1, 3).reshape(2, 9, 32)
-  for impl in (None, "xla", "einsum"):
+  for impl in (None, "xla", "einsum", "grouped"):  # 'grouped': 4 heads in 2 groups of 2
     with jax.default_matmul_precision("highest"):
       out = np.asarray(layers.multi_head_attention(q, k, v, 4, impl))
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=str(impl))
+  # The CPU default's rearranged arithmetic differentiates to the plain form's gradients.
+  g = rng.standard_normal(q.shape).astype(np.float32)
+  grad = lambda impl: jax.grad(
+      lambda *a: jnp.sum(layers.multi_head_attention(*a, 4, impl) * g), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grad("grouped"), grad("einsum")):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
   with pytest.raises(ValueError, match="attention="):
     layers.multi_head_attention(q, k, v, 4, "splash")

@@ -41,17 +41,40 @@ def layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype,
 
 
 # Attention implementations: 'einsum' is the explicit two-einsum formulation (float32 softmax);
-# 'xla' / 'cudnn' go through `jax.nn.dot_product_attention`. None (default) is 'einsum' on CPU
-# (measured faster there than dot_product_attention's XLA path) and otherwise
-# `dot_product_attention(implementation=None)`, which lets JAX pick: XLA on TPU, cuDNN flash
-# attention on a GPU when dtype and shapes allow. See docs/speed.md.
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
+# 'grouped' is the same arithmetic arranged for XLA:CPU (below); 'xla' / 'cudnn' go through
+# `jax.nn.dot_product_attention`. None (default) is 'grouped' on CPU (measured fastest there) and
+# otherwise `dot_product_attention(implementation=None)`, which lets JAX pick: XLA on TPU, cuDNN
+# flash attention on a GPU when dtype and shapes allow. See docs/speed.md.
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum", "grouped")
+# 'grouped' attends HEADS_PER_GROUP heads at a time: the groups are independent programs that
+# XLA:CPU's runtime runs side by side, where one batched dot over all heads ran its small
+# (N x N x d) matmuls at 10-40 GFLOP/s (measured on 2 cores, docs/speed.md). Below
+# GROUP_MIN_TOKENS tokens attention is a negligible part of the work and the groups would only
+# make the program longer to compile, so it runs as one group.
+HEADS_PER_GROUP = 2
+GROUP_MIN_TOKENS = 128
 
 
 def check_attention(implementation: Optional[str]) -> None:
   """Raises ValueError unless `implementation` is one of ATTENTION_IMPLEMENTATIONS."""
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+
+
+def _einsum_attention(q, k, v, values_heads_first: bool):
+  """softmax(q k^T / sqrt(d)) v on (B, N, heads, d) with a float32 softmax, as two einsums.
+
+  `values_heads_first` computes probs @ v on v laid out (B, heads, N, d), giving (B, heads, N, d)
+  before one transpose back: XLA:CPU runs that dot about twice as fast as the one contracting v
+  in its (B, N, heads, d) layout (docs/speed.md). The arithmetic is the same.
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1]**-0.5, k)
+  # Softmax in float32 even under bf16 compute, as PyTorch's eager attention does.
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  if not values_heads_first:
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs, jnp.transpose(v, (0, 2, 1, 3)))
+  return jnp.transpose(out, (0, 2, 1, 3))
 
 
 def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
@@ -66,12 +89,14 @@ def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] 
   split = lambda t: t.reshape(t.shape[0], t.shape[1], num_heads, head_dim)
   q, k, v = split(q), split(k), split(v)
   if implementation is None and jax.default_backend() == "cpu":
-    implementation = "einsum"
+    implementation = "grouped"
   if implementation == "einsum":
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
-    # Softmax in float32 even under bf16 compute, as PyTorch's eager attention does.
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = _einsum_attention(q, k, v, values_heads_first=False)
+  elif implementation == "grouped":
+    grouped = num_heads % HEADS_PER_GROUP == 0 and n >= GROUP_MIN_TOKENS
+    groups = num_heads // HEADS_PER_GROUP if grouped else 1
+    parts = zip(*(jnp.split(t, groups, axis=2) for t in (q, k, v)))
+    out = jnp.concatenate([_einsum_attention(*p, values_heads_first=True) for p in parts], axis=2)
   else:
     # Logits and softmax in float32 under bf16 compute too (jax's XLA path does that itself).
     out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5,
