@@ -61,20 +61,28 @@ def check_attention(implementation: Optional[str]) -> None:
     raise ValueError(f"attention={implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
 
 
-def _einsum_attention(q, k, v, values_heads_first: bool):
-  """softmax(q k^T / sqrt(d)) v on (B, N, heads, d) with a float32 softmax, as two einsums.
-
-  `values_heads_first` computes probs @ v on v laid out (B, heads, N, d), giving (B, heads, N, d)
-  before one transpose back: XLA:CPU runs that dot about twice as fast as the one contracting v
-  in its (B, N, heads, d) layout (docs/speed.md). The arithmetic is the same.
-  """
+def _einsum_attention(q, k, v):
+  """softmax(q k^T / sqrt(d)) v on (B, N, heads, d) with a float32 softmax, as two einsums."""
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1]**-0.5, k)
   # Softmax in float32 even under bf16 compute, as PyTorch's eager attention does.
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  if not values_heads_first:
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs, jnp.transpose(v, (0, 2, 1, 3)))
-  return jnp.transpose(out, (0, 2, 1, 3))
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _grouped_attention(q, k, v, groups: int):
+  """The same attention arranged for XLA:CPU: `groups` independent head groups, each normalised
+  after `@ v` (the (N, d) output divided by the row sums, one pass over the (N, N) weights less),
+  with v laid out (B, heads, N, d) for that dot, which XLA:CPU runs about twice as fast as the
+  one contracting v in its (B, N, heads, d) layout (docs/speed.md)."""
+  outs = []
+  for qg, kg, vg in zip(*(jnp.split(t, groups, axis=2) for t in (q, k, v))):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qg * qg.shape[-1]**-0.5, kg).astype(jnp.float32)
+    # The shift cancels in the ratio, so it needs no gradient (as in jax.nn.softmax).
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(vg.dtype), jnp.transpose(vg, (0, 2, 1, 3)))
+    out = out.astype(jnp.float32) / jnp.sum(weights, axis=-1, keepdims=True)
+    outs.append(jnp.transpose(out.astype(vg.dtype), (0, 2, 1, 3)))
+  return jnp.concatenate(outs, axis=2)
 
 
 def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] = None):
@@ -91,12 +99,10 @@ def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] 
   if implementation is None and jax.default_backend() == "cpu":
     implementation = "grouped"
   if implementation == "einsum":
-    out = _einsum_attention(q, k, v, values_heads_first=False)
+    out = _einsum_attention(q, k, v)
   elif implementation == "grouped":
     grouped = num_heads % HEADS_PER_GROUP == 0 and n >= GROUP_MIN_TOKENS
-    groups = num_heads // HEADS_PER_GROUP if grouped else 1
-    parts = zip(*(jnp.split(t, groups, axis=2) for t in (q, k, v)))
-    out = jnp.concatenate([_einsum_attention(*p, values_heads_first=True) for p in parts], axis=2)
+    out = _grouped_attention(q, k, v, num_heads // HEADS_PER_GROUP if grouped else 1)
   else:
     # Logits and softmax in float32 under bf16 compute too (jax's XLA path does that itself).
     out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5,
