@@ -25,6 +25,7 @@ and 16 times that with 'grid4' (cap the split with `max_train`, or use 'grid2').
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -143,6 +144,50 @@ class LinearProbe:
     return float(np.mean(np.argmax(self.logits(x), axis=-1) == np.asarray(y)))
 
 
+def _optimizer_step(optimizer: str, learning_rate: float, loss_fn):
+  """(optax optimizer, scan step over (params, opt state)) for 'lbfgs' or 'adam'."""
+  if optimizer == "lbfgs":
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+
+    def step(carry, _):
+      p, state = carry
+      value, grad = value_and_grad(p, state=state)
+      updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss_fn)
+      return (optax.apply_updates(p, updates), state), value
+  else:
+    opt = optax.adam(learning_rate)
+
+    def step(carry, _):
+      p, state = carry
+      value, grad = jax.value_and_grad(loss_fn)(p)
+      updates, state = opt.update(grad, state, p)
+      return (optax.apply_updates(p, updates), state), value
+  return opt, step
+
+
+# The features and labels are arguments, not constants closed over: every probe of the same shape
+# and settings is one compiled program (closing over the data made each probe a new program, and
+# large constants make XLA compile slowly). The random init is inside too (no eager compiles).
+@functools.partial(jax.jit, static_argnames=("num_classes", "optimizer", "steps", "learning_rate",
+                                             "l2", "seed"))
+def _fit(xs, y, *, num_classes, optimizer, steps, learning_rate, l2, seed):
+  """(head params, final loss) after `steps` full-batch steps on standardised features xs."""
+  ys = jax.nn.one_hot(y, num_classes)
+  params = {"w": 0.01 * jax.random.normal(jax.random.key(seed), (xs.shape[1], num_classes),
+                                          jnp.float32),
+            "b": jnp.zeros((num_classes,), jnp.float32)}
+
+  def loss_fn(p):
+    logits = xs @ p["w"] + p["b"]
+    ce = jnp.mean(optax.softmax_cross_entropy(logits, ys))
+    return ce + 0.5 * l2 * jnp.sum(jnp.square(p["w"]))
+
+  opt, step = _optimizer_step(optimizer, learning_rate, loss_fn)
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+  return params, loss_fn(params)
+
+
 def train_linear_probe(x, y, num_classes: Optional[int] = None, *, optimizer: str = "lbfgs",
                        steps: int = 200, learning_rate: float = 1e-2, l2: float = 1e-4,
                        seed: int = 0) -> LinearProbe:
@@ -153,47 +198,14 @@ def train_linear_probe(x, y, num_classes: Optional[int] = None, *, optimizer: st
     raise ValueError(f"expected x (N, D) and y (N,), got {x.shape} and {y.shape}")
   if y.min() < 0:
     raise ValueError("labels must be >= 0 (unlabelled records have label -1)")
+  if optimizer not in ("lbfgs", "adam"):
+    raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
   k = int(num_classes or y.max() + 1)
   mean = x.mean(0)
   # Constant features (e.g. dead channels) would divide by zero; leave them at zero instead.
   std = np.maximum(x.std(0), 1e-6)
-  xs = jnp.asarray((x - mean) / std)
-  ys = jax.nn.one_hot(jnp.asarray(y), k)
-  key = jax.random.key(seed)
-  params = {"w": 0.01 * jax.random.normal(key, (x.shape[1], k), jnp.float32),
-            "b": jnp.zeros((k,), jnp.float32)}
-
-  def loss_fn(p):
-    logits = xs @ p["w"] + p["b"]
-    ce = jnp.mean(optax.softmax_cross_entropy(logits, ys))
-    return ce + 0.5 * l2 * jnp.sum(jnp.square(p["w"]))
-
-  if optimizer == "lbfgs":
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss_fn)
-
-    def step(carry, _):
-      p, state = carry
-      value, grad = value_and_grad(p, state=state)
-      updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss_fn)
-      return (optax.apply_updates(p, updates), state), value
-  elif optimizer == "adam":
-    opt = optax.adam(learning_rate)
-
-    def step(carry, _):
-      p, state = carry
-      value, grad = jax.value_and_grad(loss_fn)(p)
-      updates, state = opt.update(grad, state, p)
-      return (optax.apply_updates(p, updates), state), value
-  else:
-    raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
-
-  @jax.jit
-  def fit(p):
-    (p, _), _ = jax.lax.scan(step, (p, opt.init(p)), None, length=steps)
-    return p, loss_fn(p)
-
-  params, final = fit(params)
+  params, final = _fit((x - mean) / std, y, num_classes=k, optimizer=optimizer, steps=int(steps),
+                       learning_rate=float(learning_rate), l2=float(l2), seed=int(seed))
   return LinearProbe(jax.device_get(params), mean, std, float(final))
 
 
