@@ -26,6 +26,7 @@ ARGS = {
     "scale": ([], ["--sizes", "1,8", "--extra-meshes", "", "--no-levers"]),
     "input": ([], ["--batches", "50"]),
     "bands": ([], ["--runs", "3"]),
+    "attention": ([], ["--no-step", "--rounds", "1"]),
     "train_step": ([], []),
 }
 TIMEOUT = {"scale": 4 * 3600.0}  # seconds; others use --timeout
