@@ -32,7 +32,6 @@ from uae_jax.losses import diffaug
 from uae_jax.losses import gan
 from uae_jax.losses import reconstruction
 from uae_jax.losses import semantic
-from uae_jax.models import bands as bands_lib
 from uae_jax.models import discriminator as disc_lib
 from uae_jax.models import encoders
 from uae_jax.models import lpips as lpips_lib
@@ -434,34 +433,6 @@ def make_train_step(config, phase=None):
 
 
 # ------------------------------------------------------------------------------ evaluation
-def make_band_decode(config):
-  """Builds `band_decode(params, images) -> (recon, cumulative (K, B, H, W, 3))` for image grids.
-
-  Paper recipe: decode the fused latent of b_0, b_0+b_1, ... (higher bands zeroed). Official
-  recipe: decode zig-zag DCT low-passes keeping 1/K, 2/K, ... of the coefficients.
-  """
-  model, k = build_model(config), config.model.num_bands
-
-  def band_decode(params, images):
-    v = {"params": params}
-    recon = model.apply(v, images, method="reconstruct")
-    z = model.apply(v, images, method="encode")
-    outs = []
-    if config.recipe == "paper":
-      b = model.apply(v, z, method="split")
-      for i in range(k):
-        kept = b * (jnp.arange(k) <= i).astype(b.dtype)[:, None, None, None, None]
-        outs.append(model.apply(v, model.apply(v, kept, method="fuse"), method="decode"))
-    else:
-      n = z.shape[1] * z.shape[2]
-      for i in range(k):
-        outs.append(model.apply(v, bands_lib.dct_lowpass(z, max(1, n * (i + 1) // k)),
-                                method="decode"))
-    return recon, jnp.stack(outs)
-
-  return band_decode
-
-
 class Evaluator:
   """Reconstruction metrics of the raw and EMA params, and the per-band image grid."""
 
