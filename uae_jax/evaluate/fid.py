@@ -189,12 +189,9 @@ class InceptionFID:
     model = inception_lib.FIDInception(preprocessing=preprocessing,
                                        with_logits=inception_lib.has_logits(variables))
     self.features = jax.jit(lambda v, x: model.apply(v, _as_model_input(x)))
-
-    def sums(v, x, mask):
-      """Masked feature sums of one batch."""
-      return batch_sums(model.apply(v, _as_model_input(x)), mask)
-
-    self._sums = jax.jit(sums, out_shardings=replicated)
+    # The sums are their own small program on the features: the network compiles once, as
+    # `features`, whether a caller wants features or statistics.
+    self._sums = jax.jit(batch_sums, out_shardings=replicated)
 
   @classmethod
   def from_files(cls, inception_path: str, stats_path: Optional[str] = None,
@@ -211,7 +208,7 @@ class InceptionFID:
 
   def batch_sums(self, images: jax.Array, mask: jax.Array) -> dict:
     """Masked feature sums of one (global) batch (uint8, or float in [0, 1]), replicated."""
-    return self._sums(self.variables, images, mask)
+    return self._sums(self.features(self.variables, images), mask)
 
   def distance(self, stats: FeatureStats, reference: Optional[tuple] = None) -> float:
     """FID of accumulated statistics against `reference` (default: the stored one)."""
