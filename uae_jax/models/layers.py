@@ -48,11 +48,12 @@ def layer_norm(eps: float, name: str, dtype: Dtype, param_dtype: Dtype,
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum", "grouped")
 # 'grouped' attends HEADS_PER_GROUP heads at a time: the groups are independent programs that
 # XLA:CPU's runtime runs side by side, where one batched dot over all heads ran its small
-# (N x N x d) matmuls at 10-40 GFLOP/s (measured on 2 cores, docs/speed.md). Below
-# GROUP_MIN_TOKENS tokens attention is a negligible part of the work and the groups would only
-# make the program longer to compile, so it runs as one group.
+# (N x N x d) matmuls at 10-40 GFLOP/s (measured on 2 cores, docs/speed.md). Heads smaller than
+# GROUP_MIN_WORK multiply-adds in q k^T (N * N * d; a 256-token, 64-dim head is 2**22) run as one
+# group: attention is then a small part of the work (tiny test and demo models: 16-dim heads), and
+# the groups would only make the program longer to compile.
 HEADS_PER_GROUP = 2
-GROUP_MIN_TOKENS = 128
+GROUP_MIN_WORK = 2**22
 
 
 def check_attention(implementation: Optional[str]) -> None:
@@ -101,7 +102,7 @@ def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] 
   if implementation == "einsum":
     out = _einsum_attention(q, k, v)
   elif implementation == "grouped":
-    grouped = num_heads % HEADS_PER_GROUP == 0 and n >= GROUP_MIN_TOKENS
+    grouped = num_heads % HEADS_PER_GROUP == 0 and n * n * head_dim >= GROUP_MIN_WORK
     out = _grouped_attention(q, k, v, num_heads // HEADS_PER_GROUP if grouped else 1)
   else:
     # Logits and softmax in float32 under bf16 compute too (jax's XLA path does that itself).
