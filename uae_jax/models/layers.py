@@ -90,7 +90,8 @@ def multi_head_attention(q, k, v, num_heads: int, implementation: Optional[str] 
   """softmax(q k^T / sqrt(d)) v per head on (B, N, heads*d) projections -> (B, N, heads*d).
 
   The heads are split by a reshape to (B, N, heads, d), the layout `dot_product_attention`
-  takes, so no (B, heads, N, d) transposes are materialised around the attention.
+  takes, so no (B, heads, N, d) transposes are materialised around the attention (the CPU
+  default, 'grouped', transposes v on purpose: see `_grouped_attention`).
   """
   check_attention(implementation)
   b, n, width = q.shape
