@@ -27,6 +27,7 @@ ARGS = {
     "input": ([], ["--batches", "50"]),
     "bands": ([], ["--runs", "3"]),
     "attention": ([], ["--no-step", "--rounds", "1"]),
+    "profile_step": ([], ["--shape", "S:small:2", "--repeats", "1"]),
     "train_step": ([], []),
 }
 TIMEOUT = {"scale": 4 * 3600.0}  # seconds; others use --timeout

@@ -132,15 +132,25 @@ class Attention(nn.Module):
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
 
+def gelu_exact(x):
+  """Exact GELU as PyTorch computes it, x * (1 + erf(x / sqrt 2)) / 2.
+
+  `jax.nn.gelu(approximate=False)` evaluates the same function through erfc, which XLA:CPU runs
+  2.7x slower than erf (1.44 vs 0.54 ms forward at the B decoder's (4, 257, 3072); docs/speed.md).
+  Both are within 6e-7 of a float64 reference.
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * 0.5**0.5))
+
+
 def activation_fn(name: Optional[str], gelu_approximate: bool = False) -> Callable:
   """The MLP nonlinearity: exact GELU, tanh GELU (SigLIP, DINO v1) or quick GELU (OpenAI CLIP).
 
   `name=None` keeps the older switch: exact GELU, or the tanh form if `gelu_approximate`.
   """
   if name is None:
-    return lambda h: jax.nn.gelu(h, approximate=gelu_approximate)
+    return (lambda h: jax.nn.gelu(h, approximate=True)) if gelu_approximate else gelu_exact
   if name == "gelu":
-    return lambda h: jax.nn.gelu(h, approximate=False)
+    return gelu_exact
   if name == "gelu_tanh":
     return lambda h: jax.nn.gelu(h, approximate=True)
   if name == "quick_gelu":
