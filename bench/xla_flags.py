@@ -1,11 +1,13 @@
 """Our B/B stage-1 step (the `vs_torch` step) under different XLA:CPU flags, interleaved.
 
     python -m bench.xla_flags                                   # the default variants below
-    python -m bench.xla_flags --variants "" "--xla_cpu_use_onednn=true" --rounds 3
+    python -m bench.xla_flags --variants "" " --xla_cpu_use_onednn=true" --rounds 3
 
 XLA reads `XLA_FLAGS` once per process, so every variant runs in its own subprocess; the rounds
 alternate the variants (A, B, C, A, B, C, ...) so a change in machine load hits them alike. Each
-run prints its compile time, the best and median of three timed 2-step windows and the load.
+run prints its compile time, the best and median of three timed 2-step windows, the kernel
+(system) CPU seconds and minor page faults per step, and the load. (A flag string starting with
+`--` must be passed with a leading space, `" --xla_..."`, or argparse takes it for an option.)
 """
 import argparse
 import os
@@ -20,7 +22,7 @@ VARIANTS = ("", "--xla_cpu_experimental_ynn_fusion_type=",
             "--xla_cpu_experimental_onednn_custom_call=true")
 
 _CHILD = """
-import os, sys, numpy as np
+import os, resource, sys, numpy as np
 from bench import vs_torch as vt
 model = vt.jax_model("B", "B")
 params = vt.jax_params(model, 256)
@@ -28,21 +30,26 @@ x = np.random.default_rng(0).uniform(size=(4, 256, 256, 3)).astype(np.float32)
 side = vt.JaxSide(model, params, x)
 compile_s, _ = side.compile()
 side.run(1)
+r0 = resource.getrusage(resource.RUSAGE_SELF)
 times = [side.run(2) for _ in range(3)]
+r1 = resource.getrusage(resource.RUSAGE_SELF)
 print(f"RESULT {compile_s:.2f} {min(times):.4f} {float(np.median(times)):.4f} "
-      f"{os.getloadavg()[0]:.2f}", flush=True)
+      f"{os.getloadavg()[0]:.2f} {(r1.ru_stime - r0.ru_stime) / 6:.3f} "
+      f"{(r1.ru_minflt - r0.ru_minflt) / 6:.0f}", flush=True)
 """
+_KEYS = ("compile_s", "best_s", "median_s", "load", "sys_s_per_step", "faults_per_step")
 
 
 def run_variant(flags: str) -> dict:
-  """One fresh process under `flags`: compile seconds, best / median seconds per step, load."""
+  """One fresh process under `flags`: compile seconds, best / median seconds per step, load,
+  kernel seconds and page faults per step."""
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  m = re.search(r"RESULT (\S+) (\S+) (\S+) (\S+)", out.stdout)
+  m = re.search(r"RESULT (.+)", out.stdout)
   if m is None:
     return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
-  return dict(zip(("compile_s", "best_s", "median_s", "load"), map(float, m.groups())))
+  return dict(zip(_KEYS, map(float, m.group(1).split())))
 
 
 def main(argv=None):
@@ -58,11 +65,15 @@ def main(argv=None):
       runs[v].append(res)
       print(f"round {r} | {v or '(none)'} | {res}", flush=True)
   base = [x["best_s"] for x in runs[args.variants[0]] if "best_s" in x]
-  print("\n| XLA_FLAGS | best s/step per round | ratio to the first variant |\n|---|---|---|")
+  print("\n| XLA_FLAGS | best s/step per round | kernel s/step | page faults/step "
+        "| ratio to the first variant |\n|---|---|---|---|---|")
   for v, rs in runs.items():
-    best = [x["best_s"] for x in rs if "best_s" in x]
+    ok = [x for x in rs if "best_s" in x]
+    best = [x["best_s"] for x in ok]
     ratio = statistics.median(base) / statistics.median(best) if best and base else float("nan")
-    print(f"| `{v or '(none)'}` | {' / '.join(f'{b:.2f}' for b in best)} | {ratio:.3f} |")
+    col = lambda key, fmt: " / ".join(format(x[key], fmt) for x in ok)
+    print(f"| `{v or '(none)'}` | {col('best_s', '.2f')} | {col('sys_s_per_step', '.2f')} "
+          f"| {col('faults_per_step', '.0f')} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":
