@@ -139,3 +139,33 @@ def test_exact_gelu_is_pytorchs_gelu():
                              atol=2e-6, rtol=0)
   assert layers.activation_fn("gelu") is layers.gelu_exact
   assert layers.activation_fn(None) is layers.gelu_exact
+
+
+def test_profile_step_categories_and_busy_time():
+  """bench.profile_step: HLO instruction metadata is read from real compiled text, op paths map
+  to the right categories, and overlapping thunk intervals count once."""
+  from bench import profile_step as ps
+  from uae_jax.models import layers
+  x = jnp.ones((2, 5, 8), jnp.float32)
+  fn = jax.jit(lambda x: layers.gelu_exact(jnp.einsum("bnd,bmd->bnm", x, x)).sum())
+  meta = ps.hlo_metadata(fn.lower(x).compile().as_text())
+  assert any("erf" in path for _, path in meta.values())
+  assert any(kind == "dot" or "dot_general" in path for kind, path in meta.values())
+  cases = {
+      "jit(step)/transpose(jvp(OfficialUAE.decode))/decoder/blocks_3/mlp/fc1/dot_general": "matmul",
+      "jit(step)/jvp(OfficialUAE.encode)/encoder/blocks_0/attn/bqhd,bkhd->bhqk/dot_general":
+          "attention",
+      "jit(step)/jvp(OfficialUAE.encode)/encoder/blocks_0/attn/query/dot_general": "matmul",
+      "jit(step)/jvp(OfficialUAE.decode)/decoder/blocks_2/mlp/erf": "gelu",
+      "jit(step)/jvp(OfficialUAE.decode)/decoder/blocks_2/norm1/mul": "layernorm",
+      "jit(step)/add": "optimizer",
+      "jit(step)/jvp(OfficialUAE.encode)/encoder/encoder.preprocess/div": "resize",
+      "jit(step)/jvp(OfficialUAE.decode)/decoder/blocks_1/add": "other",
+  }
+  for path, want in cases.items():
+    assert ps.jax_category("ynn_fusion.1" if want == "matmul" else "fusion.1", "kLoop",
+                           path) == want, path
+  assert ps.torch_category("aten::addmm") == "matmul"
+  assert ps.torch_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+  assert ps.torch_category("aten::native_layer_norm_backward") == "layernorm"
+  assert ps.busy_time([(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]) == pytest.approx(3.0)
