@@ -42,8 +42,9 @@ app.run(main.main, argv=["uae_jax.main"] + sys.argv[4:])
 """
 # Overrides shared by both runs. lr 1e-4: see test_train's sharded-vs-single test (Adam's first
 # updates are ~lr * sign(g), which amplifies reduction-order noise).
+# Evaluation every STEPS steps: the start-of-stage eval and the final one, both from every host.
 OVERRIDES = {"optim.peak_lr": 1e-4, "log_every_steps": 1, "ckpt.every_steps": STEPS,
-             "eval_every_steps": 0, "image_every_steps": STEPS}
+             "eval_every_steps": STEPS, "image_every_steps": STEPS}
 
 
 def _free_port() -> int:
@@ -121,7 +122,9 @@ def test_two_processes_match_one_process(tmp_path):
   rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
   train_rows = [r for r in rows if "loss" in r]
   assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
-  assert sum("eval/psnr" in r for r in rows) == 1  # the start-of-stage eval, written once
+  # The start-of-stage and the final eval, each written once (eval_every_steps=0 would turn both
+  # off, the start-of-stage one included).
+  assert [r["step"] for r in rows if "eval/psnr" in r] == [0, STEPS]
   assert (workdir / "images" / "recon_ema_latest.png").exists()
   assert json.load(open(workdir / "summary.json"))["final_step"] == STEPS
   # Orbax: every host wrote its shards and its own data-iterator state.

@@ -115,10 +115,12 @@ def generate(dit_workdir: str, per_class: int, scale: float, seed: int) -> tuple
   """
   from uae_jax.generate import cli  # pylint: disable=g-import-not-at-top
   num = 10 * per_class
+  devices = jax.device_count()
+  batch = -(-num // devices) * devices  # one chunk, padded to split evenly over the devices
   name = "samples_noguide.npz" if scale == 1.0 else f"samples_cfg{scale:g}.npz"
   out = os.path.join(os.path.dirname(dit_workdir), name)
   args = cli.parser().parse_args([
-      "sample", f"--workdir={dit_workdir}", f"--out={out}", f"--num={num}", f"--batch={num}",
+      "sample", f"--workdir={dit_workdir}", f"--out={out}", f"--num={num}", f"--batch={batch}",
       "--guidance=" + ("none" if scale == 1.0 else "cfg"), f"--cfg-scale={scale}",
       "--cfg-interval=0,1", "--label-sampling=equal", f"--seed={seed}"])
   shutil.rmtree(out + ".parts", ignore_errors=True)  # chunks of an earlier DiT: never reused
