@@ -14,9 +14,9 @@ probs @ v dots and the softmax between them, without the q/k/v/out projections),
 `gelu`, `optimizer` (the AdamW update), `resize` (the bicubic 256 -> 224 px), `other` (residual
 adds, LayerScale, patch embedding, loss, layout copies). XLA:CPU runs independent thunks at the
 same time on the thread pool, so our column sums to more than the wall time when they overlap
-(the `wall` line says for how long at least one thunk ran); some thunks (plain XLA dots, Eigen) return when their work
-is queued, and their time shows up in the next thunk, so a per-category split of ours is
-indicative to a few percent.
+(the `wall` line says for how long at least one thunk ran); some thunks (plain XLA dots, Eigen)
+return when their work is queued, and their time shows up in the next thunk, so a per-category
+split of ours is indicative to a few percent.
 """
 import argparse
 import collections

@@ -16,18 +16,21 @@ eps 1e-8, no weight decay; PyTorch's fused AdamW, as the official trainer uses).
 sides; PyTorch attention uses SDPA (its default fast path) unless `--torch_attention eager`.
 
 Timing: `--rounds` rounds, each timing `--steps` of ours then `--steps` of PyTorch after warm-up,
-so a change in machine load hits both sides alike; every round prints its own ratio and the load
-average. Shapes whose decoder is in `--sequential` (default XL: ~7 GB of weights, gradients and
-AdamW state per side) keep only one side in memory at a time and rebuild each side per round. FLOPs per step are counted two ways: XLA's cost analysis of our compiled step (all HLO
-FLOPs), and PyTorch's `FlopCounterMode` on its step (matmuls, convolutions and attention only);
-achieved FLOP/s uses the matmul count for both sides (same work) and is compared with the float32
-matmul peak each framework reaches on a 2048^3 product on this machine.
+so a change in machine load hits both sides alike; every round prints its own ratio, each side's
+kernel (system) CPU seconds per step and the load average. Shapes whose decoder is in
+`--sequential` (default XL: ~7 GB of weights, gradients and AdamW state per side) keep only one
+side in memory at a time and rebuild each side per round. FLOPs per step are counted two ways:
+XLA's cost analysis of our compiled step (all HLO FLOPs), and PyTorch's `FlopCounterMode` on its
+step (matmuls, convolutions and attention only); achieved FLOP/s uses the matmul count for both
+sides (same work) and is compared with the float32 matmul peak each framework reaches on a 2048^3
+product on this machine.
 """
 import argparse
 import dataclasses
 import gc
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -335,6 +338,17 @@ def _load() -> str:
   return f"load {os.getloadavg()[0]:.2f}/{os.cpu_count()} cores"
 
 
+def _per_step(steps_fn, steps: int) -> tuple:
+  """(wall seconds, kernel CPU seconds) per step of `steps_fn()`, which runs `steps` steps.
+
+  Kernel time is mostly page faults: XLA:CPU allocates a step's temporaries afresh on every
+  call (1.14 GB at B/B), PyTorch reuses its memory (docs/speed.md)."""
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  steps_fn()
+  wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+  return wall / max(steps, 1), (r1.ru_stime - r0.ru_stime) / max(steps, 1)
+
+
 class JaxSide:
   """Our step at one shape: built from numpy params, timed with `run(steps)`, freed by `close`."""
 
@@ -352,12 +366,13 @@ class JaxSide:
     return time.perf_counter() - t0, float(compiled_cost(compiled).get("flops", 0.0))
 
   def run(self, steps: int) -> float:
-    """Seconds per step over `steps` steps."""
-    t = time.perf_counter()
-    for _ in range(steps):
-      self.dec, self.opt, loss = self.step(self.dec, self.opt, self.enc, self.x)
-    jax.block_until_ready(loss)
-    return (time.perf_counter() - t) / max(steps, 1)
+    """Seconds per step over `steps` steps (kernel seconds per step in `self.kernel_s`)."""
+    def steps_fn():
+      for _ in range(steps):
+        self.dec, self.opt, loss = self.step(self.dec, self.opt, self.enc, self.x)
+      jax.block_until_ready(loss)
+    wall, self.kernel_s = _per_step(steps_fn, steps)
+    return wall
 
   def close(self):
     """Drops the arrays (the compiled step stays in jit's cache)."""
@@ -377,23 +392,26 @@ class TorchSide:
     return torch_step_flops(self.step, self.x)
 
   def run(self, steps: int) -> float:
-    """Seconds per step over `steps` steps."""
-    t = time.perf_counter()
-    for _ in range(steps):
-      self.step(self.x)
-    return (time.perf_counter() - t) / max(steps, 1)
+    """Seconds per step over `steps` steps (kernel seconds per step in `self.kernel_s`)."""
+    def steps_fn():
+      for _ in range(steps):
+        self.step(self.x)
+    wall, self.kernel_s = _per_step(steps_fn, steps)
+    return wall
 
   def close(self):
     """Drops the model and its optimiser state."""
     del self.model, self.step
 
 
-def _round_line(r, batch, t_jax, t_torch):
+def _round_line(r, batch, t_jax, t_torch, kernel_jax, kernel_torch):
   """One printed round and its record."""
   print(f"  round {r}: ours {t_jax:6.2f} s/step ({batch / t_jax:5.2f} img/s) | PyTorch "
         f"{t_torch:6.2f} s/step ({batch / t_torch:5.2f} img/s) | ours/PyTorch img/s "
-        f"{t_torch / t_jax:.3f} | {_load()}", flush=True)
-  return dict(jax_s=t_jax, torch_s=t_torch, ratio=t_torch / t_jax, load=os.getloadavg()[0])
+        f"{t_torch / t_jax:.3f} | kernel s/step ours {kernel_jax:.2f}, PyTorch "
+        f"{kernel_torch:.2f} | {_load()}", flush=True)
+  return dict(jax_s=t_jax, torch_s=t_torch, ratio=t_torch / t_jax, load=os.getloadavg()[0],
+              jax_kernel_s=kernel_jax, torch_kernel_s=kernel_torch)
 
 
 def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn, peaks,
@@ -423,12 +441,13 @@ def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn,
       ts.close()
       js = make_j()
       js.run(1)
-    t_jax = js.run(steps)
+    t_jax, kernel_jax = js.run(steps), js.kernel_s
     if sequential:
       js.close()
       ts = make_t()
       ts.run(1)
-    rows.append(_round_line(r, batch, t_jax, ts.run(steps)))
+    t_torch = ts.run(steps)
+    rows.append(_round_line(r, batch, t_jax, t_torch, kernel_jax, ts.kernel_s))
   ts.close()
   if not sequential:
     js.close()
