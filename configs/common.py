@@ -1,8 +1,11 @@
-"""Shared pieces of the configs: argument parsing, the tokenizer base and its CPU-sized `tiny`.
+"""Shared pieces of the configs: argument parsing, the trainer-level keys every task's config
+has, the tokenizer base and its CPU-sized `tiny`.
 
 A config file's `get_config(arg)` takes a big_vision-style argument string, e.g.
 `--config=configs/stage3.py:tiny` or `--config=configs/stage1.py:tiny,steps=40`.
 """
+from typing import Optional
+
 import ml_collections
 
 from uae_jax.data.config import default_input_config
@@ -23,6 +26,36 @@ def parse_arg(arg, **defaults):
     else:
       out[key] = type(defaults[key])(value) if not isinstance(defaults[key], bool) else value in ("1", "true", "True")
   return out
+
+
+# Logical axis -> mesh axis for the ViT-based tasks: FSDP shards the model width.
+VIT_SHARDING_RULES = (("embed", "fsdp"), ("mlp", None), ("heads", None))
+
+
+def trainer_keys(c: ml_collections.ConfigDict, ckpt_every: int, log_every: int, image_every: int,
+                 eval_every: int, mesh: Optional[dict] = None,
+                 rules: tuple = VIT_SHARDING_RULES) -> ml_collections.ConfigDict:
+  """Sets the keys the trainer reads from every task's config: checkpoint (keep 3, async), log,
+  image and eval intervals, the mesh (default: data 1, FSDP over all devices) and the rules."""
+  c.ckpt = ml_collections.ConfigDict(dict(every_steps=ckpt_every, keep=3, async_save=True))
+  c.log_every_steps = log_every
+  c.image_every_steps = image_every
+  c.eval_every_steps = eval_every
+  c.mesh = ml_collections.ConfigDict(mesh or dict(data=1, fsdp=-1))
+  c.sharding_rules = rules
+  return c
+
+
+def tiny_intervals(c: ml_collections.ConfigDict, steps: int,
+                   eval_batches: int = 1) -> ml_collections.ConfigDict:
+  """A tiny run's intervals: a checkpoint at half and at the end, ten log lines, images and an
+  evaluation of `eval_batches` batches at the end."""
+  c.ckpt.every_steps = max(steps // 2, 1)
+  c.log_every_steps = max(steps // 10, 1)
+  c.image_every_steps = steps
+  c.eval_every_steps = steps
+  c.eval_batches = eval_batches
+  return c
 
 
 def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.ConfigDict:
@@ -119,10 +152,7 @@ def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.C
       allow_unfinished=False,  # accept a from_stage run that stopped before its last step
       allow_random_encoder=False))
 
-  c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  c.log_every_steps = 100
-  c.image_every_steps = 2500
-  c.eval_every_steps = 2500
+  trainer_keys(c, ckpt_every=1000, log_every=100, image_every=2500, eval_every=2500)
   c.eval_batches = 0                 # 0 = the whole eval split (capped by eval_max_examples)
   # uint8 quantisation of reconstructions ('round', or 'truncate' as the official code); rFID runs
   # when both the converted FID Inception weights and the reference statistics are given.
@@ -130,10 +160,6 @@ def uae_base(recipe: str = "paper", encoder: str = "dinov2") -> ml_collections.C
   # UAE evaluator's protocol; docs/generation_eval.md).
   c.eval = ml_collections.ConfigDict(dict(uint8_mode="round", inception_path="", fid_stats="",
                                           fid_method="sqrtm", fid_preprocessing="pytorch-fid"))
-
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
-  # Logical axis -> mesh axis. FSDP shards the model width; the batch goes over both axes.
-  c.sharding_rules = (("embed", "fsdp"), ("mlp", None), ("heads", None))
   return c
 
 
@@ -157,9 +183,4 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   c.optim.ema_decay = 0.9
   c.gan.backbone = "tiny"
   c.init.allow_random_encoder = True
-  c.ckpt.every_steps = max(steps // 2, 1)
-  c.log_every_steps = max(steps // 10, 1)
-  c.image_every_steps = steps
-  c.eval_every_steps = steps
-  c.eval_batches = 1
-  return c
+  return tiny_intervals(c, steps)

@@ -112,16 +112,10 @@ def base(size: str = "XL", kind: str = "ddt") -> ml_collections.ConfigDict:
       peak_lr=2e-4, end_lr=2e-5, constant_epochs=40.0, decay_end_epochs=800.0, warmup_epochs=0.0,
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.9995))
 
-  c.ckpt = ml_collections.ConfigDict(dict(every_steps=5000, keep=3, async_save=True))
-  c.log_every_steps = 100
-  c.image_every_steps = 10_000
-  c.eval_every_steps = 10_000
+  common.trainer_keys(c, ckpt_every=5000, log_every=100, image_every=10_000, eval_every=10_000)
   c.eval_batches = 10
   c.eval = ml_collections.ConfigDict(dict(seed=0, grid_classes=10, grid_per_class=4,
                                           grid_num_points=50))
-
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
-  c.sharding_rules = (("embed", "fsdp"), ("mlp", None), ("heads", None))
   return c
 
 
@@ -144,11 +138,7 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   # The schedule in the one epoch of a tiny run: 9 -> 16 -> ... -> 64 coefficients of the 8 x 8
   # grid, one step every tenth of the run after the first.
   c.latent.progressive.update(hold_epochs=0.0, interval_epochs=0.1)
-  c.ckpt.every_steps = max(steps // 2, 1)
-  c.log_every_steps = max(steps // 10, 1)
-  c.image_every_steps = steps
-  c.eval_every_steps = steps
-  c.eval_batches = 1
+  common.tiny_intervals(c, steps)
   c.eval.update(grid_per_class=4, grid_num_points=25)
   return c
 

@@ -65,15 +65,11 @@ def get_config(arg=None):
   if c.model.size.startswith("vq"):
     c.loss.kl = 0.0
 
-  c.ckpt = ml_collections.ConfigDict(dict(every_steps=10_000, keep=3, async_save=True))
-  c.log_every_steps = 100
-  c.image_every_steps = 10_000
-  c.eval_every_steps = 10_000
+  common.trainer_keys(c, ckpt_every=10_000, log_every=100, image_every=10_000, eval_every=10_000,
+                      mesh=dict(data=-1, fsdp=1))
   c.eval_batches = 0
   c.eval = ml_collections.ConfigDict(dict(uint8_mode="round", inception_path="", fid_stats="",
                                           fid_method="sqrtm"))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  c.sharding_rules = (("embed", "fsdp"), ("mlp", None), ("heads", None))
 
   if a.tiny:
     tiny(c, a.steps, a.size, a.gan)
@@ -94,9 +90,4 @@ def tiny(c, steps: int, size: str = "", gan: bool = False):
   c.optim.update(peak_lr=1e-3, end_lr=1e-4, warmup_steps=max(steps // 20, 1), ema_decay=0.9)
   # `gan` switches the PatchGAN on from the middle of the run (small discriminator).
   c.gan.update(enabled=bool(gan), start_step=steps // 2, base_channels=32)
-  c.ckpt.every_steps = max(steps // 2, 1)
-  c.log_every_steps = max(steps // 10, 1)
-  c.image_every_steps = steps
-  c.eval_every_steps = steps
-  c.eval_batches = 2
-  return c
+  return common.tiny_intervals(c, steps, eval_batches=2)

@@ -89,17 +89,14 @@ def get_config(arg=None):
         os.path.expanduser("~"), ".cache", "uae_jax"), "digits", "v1")
     c.num_train_examples = 1437
 
-  c.ckpt = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  c.log_every_steps = 50
-  c.image_every_steps = 1000
-  c.eval_every_steps = 1000
-  c.eval_batches = 0
-  c.eval = ml_collections.ConfigDict(dict(uint8_mode="round"))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
   # Codebooks, offsets and the reset statistic shard over their token axis, the per-head linear
   # maps over heads; the small convolutions stay replicated.
-  c.sharding_rules = (("tokens", "fsdp"), ("heads", "fsdp"), ("codes", None), ("code_dim", None),
-                      ("pixels", None), ("conv_in", None), ("conv_out", None))
+  rules = (("tokens", "fsdp"), ("heads", "fsdp"), ("codes", None), ("code_dim", None),
+           ("pixels", None), ("conv_in", None), ("conv_out", None))
+  common.trainer_keys(c, ckpt_every=1000, log_every=50, image_every=1000, eval_every=1000,
+                      rules=rules)
+  c.eval_batches = 0
+  c.eval = ml_collections.ConfigDict(dict(uint8_mode="round"))
 
   if a.tiny:
     tiny(c, a.steps)
@@ -132,9 +129,4 @@ def tiny(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
   c.gan.disc_res_blocks = 1
   c.optim.lr = 1e-3
   c.train.total_steps = steps
-  c.ckpt.every_steps = max(steps // 2, 1)
-  c.log_every_steps = max(steps // 10, 1)
-  c.image_every_steps = steps
-  c.eval_every_steps = steps
-  c.eval_batches = 1
-  return c
+  return common.tiny_intervals(c, steps)
