@@ -378,13 +378,16 @@ def test_train_steps_sharded(arg, tmp_path):
   tr = train.Trainer(c, str(tmp_path))
   it = pipeline.make_train_iterator(c.input)
   state, _ = tr.initial_state(it)
+  ms = []
   for _ in range(4):
     state, m = tr.train_step(state, tr.global_batch(it), tr.frozen)
-    m = jax.device_get(m)
-    assert np.isfinite(m["loss"])
+    ms.append(jax.device_get(m))
+    assert np.isfinite(ms[-1]["loss"])
   assert int(state["step"]) == 4
-  if "gan" in arg:
-    assert m["d_turn"] == 1.0 and m["gan_d"] > 0  # step 3 >= start 2, odd: a D update
+  if "gan" in arg:  # one compiled step per phase: plain, plain, g (step 2 = start), d (odd)
+    assert [m["d_turn"] for m in ms] == [0.0, 0.0, 0.0, 1.0]
+    assert ms[1]["gan_g"] == 0 and ms[2]["gan_g"] != 0 and ms[2]["adaptive_weight"] > 0
+    assert ms[3]["gan_d"] > 0 and ms[2]["gan_d"] == 0
 
 
 @pytest.mark.slow
@@ -394,6 +397,18 @@ def test_tiny_run_psnr_improves(tmp_path):
   c.eval_every_steps, c.image_every_steps, c.log_every_steps = 40, 0, 10
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary["eval_end"]["eval/psnr"] > summary["eval_start"]["eval/psnr"] + 2.0
+
+
+def test_gan_phases_follow_the_schedule():
+  """KL-VAE GAN phases (one compiled step each): plain before gan.start_step, then G on even and
+  D on odd steps; no GAN: always plain."""
+  from uae_jax.tasks import kl_vae as task
+  c = _tiny_config(arg="tiny,esm_dsm,gan,steps=4")
+  c.gan.start_step = 10
+  assert [task.phase_at(c, s) for s in (0, 9, 10, 11, 12)] == ["plain", "plain", "g", "d", "g"]
+  c.gan.enabled = False
+  assert {task.phase_at(c, s) for s in (0, 10, 11)} == {"plain"}
+  assert task.TASK.phase_at is task.phase_at
 
 
 def test_tokenizer_interface_shares_params():

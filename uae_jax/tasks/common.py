@@ -56,3 +56,49 @@ def norm_metrics(grads, params, updates) -> dict:
   """Global L2 norms of gradients, parameters and updates (the usual health scalars)."""
   return {"l2_grads": optax.global_norm(grads), "l2_params": optax.global_norm(params),
           "l2_updates": optax.global_norm(updates)}
+
+
+# --------------------------------------------------- alternating GAN phases (KL-VAE, QG-VAE)
+GAN_PHASES = ("plain", "g", "d")
+
+
+def alternating_gan_phase(config, step: int) -> str:
+  """'plain' without a GAN or before `gan.start_step`, then 'g' on even and 'd' on odd steps."""
+  if not config.gan.enabled or step < config.gan.start_step:
+    return "plain"
+  return "d" if step % 2 == 1 else "g"
+
+
+def gan_phase_update(config, branches: dict, phase, flag: str):
+  """update(state, *args) -> (state, metrics) for an alternating GAN (`config.gan.enabled`,
+  `config.gan.start_step`); without the GAN, just `branches['plain']`.
+
+  Runs `branches[phase]` (each `fn(state, *args) -> (state, metrics)`, keyed by GAN_PHASES), or,
+  with phase=None, all three behind a traced switch on `state['step']` (for callers that do not
+  track phases; it compiles every branch). Every branch's metrics are padded with zeros to the
+  union of their keys, so each log line has the same columns, and `flag` is 1.0 on
+  discriminator steps.
+  """
+  if not config.gan.enabled:
+    return branches["plain"]
+
+  def update(state, *args):
+    keys = {}
+    for fn in branches.values():
+      keys.update(jax.eval_shape(fn, state, *args)[1])
+
+    def padded(fn):
+      def run(s):
+        new, m = fn(s, *args)
+        return new, {k: m[k] if k in m else jnp.zeros(v.shape, v.dtype) for k, v in keys.items()}
+      return run
+    if phase is not None:
+      new, metrics = padded(branches[phase])(state)
+      return new, dict(metrics, **{flag: jnp.float32(phase == "d")})
+    step = state["step"]
+    on = step >= config.gan.start_step
+    d_turn = on & (step % 2 == 1)
+    which = jnp.where(d_turn, 2, jnp.where(on, 1, 0))
+    new, metrics = jax.lax.switch(which, [padded(branches[p]) for p in GAN_PHASES], state)
+    return new, dict(metrics, **{flag: d_turn.astype(jnp.float32)})
+  return update

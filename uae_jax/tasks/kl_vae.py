@@ -209,43 +209,28 @@ def disc_logits(config, disc_params, images):
   return out
 
 
-def generator_grads(config, state, x, frozen, rng, dsm_k):
-  """(loss, grads, parts): before `gan.start_step` a plain backward; then the adaptive GAN term."""
+def generator_grads(config, state, x, frozen, rng, dsm_k, use_gan: bool):
+  """(loss, grads, parts): a plain backward, or with `use_gan` the adaptive GAN term added."""
   model = build_model(config)
-
-  def plain(params):
+  if not use_gan:
     fn = lambda p: generator_losses(config, model, p, x, frozen["lpips"], rng, dsm_k)[::2]
-    (loss, parts), grads = jax.value_and_grad(fn, has_aux=True)(params)
+    (loss, parts), grads = jax.value_and_grad(fn, has_aux=True)(state["params"])
     return loss, grads, parts
 
-  if not config.gan.enabled:
-    return plain(state["params"])
-
-  def with_gan(params):
-    def both(p):
-      total, out, parts = generator_losses(config, model, p, x, frozen["lpips"], rng, dsm_k)
-      return (total, -jnp.mean(disc_logits(config, state["disc"], out["recon"]))), parts
-    (l_rec, l_g), vjp_fn, parts = jax.vjp(both, params, has_aux=True)
-    g_rec, = vjp_fn((jnp.ones_like(l_rec), jnp.zeros_like(l_g)))
-    g_gan, = vjp_fn((jnp.zeros_like(l_rec), jnp.ones_like(l_g)))
-    # KL / ESM do not reach the decoder's last layer, so this is the reference's
-    # ||dL_nll/dW|| / max(||dL_G/dW||, 1e-8), capped.
-    num = jnp.linalg.norm(_last_layer(g_rec).ravel())
-    lam = jnp.minimum(num / jnp.maximum(jnp.linalg.norm(_last_layer(g_gan).ravel()), 1e-8),
-                      config.gan.max_weight)
-    w = jax.lax.stop_gradient(config.gan.weight * lam)
-    grads = jax.tree.map(lambda a, b: a + w * b, g_rec, g_gan)
-    return l_rec + w * l_g, grads, dict(parts, gan_g=l_g, adaptive_weight=lam)
-
-  gan_shape = jax.eval_shape(with_gan, state["params"])
-
-  def plain_padded(params):
-    loss, grads, parts = plain(params)
-    pad = {k: jnp.zeros(s.shape, s.dtype) for k, s in gan_shape[2].items() if k not in parts}
-    return loss, grads, dict(parts, **pad)
-
-  return jax.lax.cond(state["step"] >= config.gan.start_step, with_gan, plain_padded,
-                      state["params"])
+  def both(p):
+    total, out, parts = generator_losses(config, model, p, x, frozen["lpips"], rng, dsm_k)
+    return (total, -jnp.mean(disc_logits(config, state["disc"], out["recon"]))), parts
+  (l_rec, l_g), vjp_fn, parts = jax.vjp(both, state["params"], has_aux=True)
+  g_rec, = vjp_fn((jnp.ones_like(l_rec), jnp.zeros_like(l_g)))
+  g_gan, = vjp_fn((jnp.zeros_like(l_rec), jnp.ones_like(l_g)))
+  # KL / ESM do not reach the decoder's last layer, so this is the reference's
+  # ||dL_nll/dW|| / max(||dL_G/dW||, 1e-8), capped.
+  num = jnp.linalg.norm(_last_layer(g_rec).ravel())
+  lam = jnp.minimum(num / jnp.maximum(jnp.linalg.norm(_last_layer(g_gan).ravel()), 1e-8),
+                    config.gan.max_weight)
+  w = jax.lax.stop_gradient(config.gan.weight * lam)
+  grads = jax.tree.map(lambda a, b: a + w * b, g_rec, g_gan)
+  return l_rec + w * l_g, grads, dict(parts, gan_g=l_g, adaptive_weight=lam)
 
 
 def discriminator_update(config, disc_tx, state, x, rng, dsm_k):
@@ -266,18 +251,39 @@ def discriminator_update(config, disc_tx, state, x, rng, dsm_k):
 
 
 # ------------------------------------------------------------------------------ the step
-def make_train_step(config):
-  """Builds `train_step(state, batch, frozen) -> (state, metrics)`."""
+def phase_at(config, step: int) -> str:
+  """The schedule phase of host step `step`: 'plain' (no GAN, or before `gan.start_step`), then
+  alternating 'g' (even steps: generator with the adaptive GAN term) and 'd' (odd steps: PatchGAN
+  update). The trainer compiles one step per phase, so the plain phase carries no discriminator
+  work and no second backward pass."""
+  return common.alternating_gan_phase(config, step)
+
+
+def make_train_step(config, phase=None):
+  """Builds `train_step(state, batch, frozen) -> (state, metrics)` for one phase of `phase_at`.
+
+  phase=None builds every phase behind a traced switch on the step (for callers that do not
+  track phases; it compiles all of them).
+  """
   gen_tx, disc_tx, sched = make_optimizers(config)
   loss = config.loss
 
-  def g_step(state, x, frozen, k_sample, dsm_k):
-    total, grads, metrics = generator_grads(config, state, x, frozen, k_sample, dsm_k)
-    updates, opt = gen_tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = common.ema_update(state["ema"], params, config.optim.ema_decay)
-    metrics.update(loss=total, **common.norm_metrics(grads, params, updates))
-    return dict(state, params=params, opt=opt, ema=ema), metrics
+  def g_branch(use_gan):
+    def run(state, x, frozen, k_sample, dsm_k):
+      total, grads, metrics = generator_grads(config, state, x, frozen, k_sample, dsm_k, use_gan)
+      updates, opt = gen_tx.update(grads, state["opt"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      ema = common.ema_update(state["ema"], params, config.optim.ema_decay)
+      metrics.update(loss=total, **common.norm_metrics(grads, params, updates))
+      return dict(state, params=params, opt=opt, ema=ema), metrics
+    return run
+
+  def d_branch(state, x, frozen, k_sample, dsm_k):
+    disc, disc_opt, metrics = discriminator_update(config, disc_tx, state, x, k_sample, dsm_k)
+    return dict(state, disc=disc, disc_opt=disc_opt), metrics
+
+  branches = {"plain": g_branch(False), "g": g_branch(True), "d": d_branch}
+  update = common.gan_phase_update(config, branches, phase, "d_turn")
 
   def train_step(state, batch, frozen):
     step = state["step"]
@@ -286,26 +292,7 @@ def make_train_step(config):
     x = 2.0 * batch["image"].astype(jnp.float32) - 1.0
     # One k for the whole global batch per step, as an array: one compiled step for every k.
     dsm_k = spectrum.sample_dsm_k(k_dsm, tuple(loss.dsm_choices)) if loss.dsm else None
-    if not config.gan.enabled:
-      new, metrics = g_step(state, x, frozen, k_sample, dsm_k)
-    else:
-      g_run = lambda s: g_step(s, x, frozen, k_sample, dsm_k)
-      g_shape = jax.eval_shape(g_run, state)[1]
-
-      def d_run(s):
-        disc, disc_opt, m = discriminator_update(config, disc_tx, s, x, k_sample, dsm_k)
-        pad = {k: jnp.zeros(v.shape, v.dtype) for k, v in g_shape.items()}
-        return dict(s, disc=disc, disc_opt=disc_opt), dict(pad, **m)
-
-      d_shape = jax.eval_shape(d_run, state)[1]
-
-      def g_padded(s):
-        new_s, m = g_run(s)
-        return new_s, dict({k: jnp.zeros(v.shape, v.dtype) for k, v in d_shape.items()}, **m)
-
-      d_turn = (step >= config.gan.start_step) & (step % 2 == 1)
-      new, metrics = jax.lax.cond(d_turn, d_run, g_padded, state)
-      metrics["d_turn"] = d_turn.astype(jnp.float32)
+    new, metrics = update(state, x, frozen, k_sample, dsm_k)
     if dsm_k is not None:
       metrics["dsm_k"] = dsm_k.astype(jnp.float32)
     metrics["lr"] = sched(step)
@@ -413,5 +400,5 @@ class Evaluator:
 TASK = tasks.Task(
     validate=validate, batch_spec=batch_spec, init_state=init_state,
     make_train_step=make_train_step, make_evaluator=Evaluator, initialize=initialize,
-    load_frozen=load_frozen)
+    load_frozen=load_frozen, phase_at=phase_at)
 

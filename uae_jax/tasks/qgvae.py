@@ -306,16 +306,11 @@ def maybe_reset(config, params, grad_mag, vq_log, step, rng):
   return dict(params, codebook=book), m, log
 
 
-PHASES = ("plain", "g", "d")
-
-
 def phase_at(config, step: int) -> str:
   """The schedule phase of host step `step`: 'plain' (QG-VAE, or QGGAN before `gan.start_step`),
   then QGGAN's alternating 'g' (even steps) and 'd' (odd steps). The trainer compiles one step
   per phase, so the plain phase carries no discriminator, LPIPS or adaptive-weight work."""
-  if not config.gan.enabled or step < config.gan.start_step:
-    return "plain"
-  return "d" if step % 2 == 1 else "g"
+  return common.alternating_gan_phase(config, step)
 
 
 def make_train_step(config, phase=None):
@@ -338,28 +333,7 @@ def make_train_step(config, phase=None):
     return dict(state, disc=d, disc_opt=d_opt), metrics
 
   branches = {"plain": g_branch(False), "g": g_branch(True), "d": d_branch}
-
-  def update(state, x, rng, frozen):
-    """The phase's update; with the GAN on, every phase reports the same metric keys."""
-    if not config.gan.enabled:
-      return branches["plain"](state, x, rng, frozen)
-    keys = {}
-    for fn in branches.values():
-      keys.update(jax.eval_shape(fn, state, x, rng, frozen)[1])
-    def padded(fn):
-      def run(s):
-        new, m = fn(s, x, rng, frozen)
-        return new, {k: m[k] if k in m else jnp.zeros(v.shape, v.dtype) for k, v in keys.items()}
-      return run
-    step = state["step"]
-    if phase is not None:
-      new, metrics = padded(branches[phase])(state)
-      return new, dict(metrics, d_step=jnp.float32(phase == "d"))
-    on = step >= config.gan.start_step
-    d_turn = on & (step % 2 == 1)
-    which = jnp.where(d_turn, 2, jnp.where(on, 1, 0))
-    new, metrics = jax.lax.switch(which, [padded(branches[k]) for k in PHASES], state)
-    return new, dict(metrics, d_step=d_turn.astype(jnp.float32))
+  update = common.gan_phase_update(config, branches, phase, "d_step")
 
   def train_step(state, batch, frozen):
     step, x = state["step"], batch["image"]
