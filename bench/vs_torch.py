@@ -45,7 +45,6 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import compiled_cost, matmul_peak  # noqa: E402
-from uae_jax import host_memory  # noqa: E402
 from uae_jax.convert import uae as convert_uae  # noqa: E402
 from uae_jax.models import decoder as decoder_lib  # noqa: E402
 from uae_jax.models import dinov2 as dinov2_lib  # noqa: E402
@@ -475,13 +474,9 @@ def main(argv=None):
   p.add_argument("--sequential", default="XL",
                  help="comma list of decoder sizes timed with one side in memory at a time "
                       "(XL: ~7 GB per side); '' = never")
-  p.add_argument("--host_malloc", default="system", choices=("system", "retain"),
-                 help="retain: glibc keeps freed memory for reuse, in this process, so both "
-                      "sides (uae_jax/host_memory.py; allow two or more warm-up rounds)")
   p.add_argument("--ops", action="store_true",
                  help="only the per-op profile (GELU, LayerNorm, attention) at the B decoder shape")
   a = p.parse_args(argv)
-  host_memory.apply(a.host_malloc)
   if a.ops:
     print(f"forward+backward, best of 5, decoder B shape (4, 257, 768), {_load()}:")
     print("RESULT " + json.dumps({"benchmark": "vs_torch_ops", "ops": op_profile()}))
@@ -489,8 +484,7 @@ def main(argv=None):
   torch.manual_seed(0)
   peaks = {"jax": matmul_peak(), "torch": torch_matmul_peak()}
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, host malloc "
-        f"{a.host_malloc}, {_load()}")
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, {_load()}")
   print(f"float32 matmul peak 2048^3: JAX {peaks['jax'] / 1e9:.1f} GFLOP/s, PyTorch "
         f"{peaks['torch'] / 1e9:.1f} GFLOP/s")
   out = []
@@ -509,7 +503,6 @@ def main(argv=None):
           f"= {100 * r['torch_frac_peak']:.0f}% of PyTorch peak | compile {r['compile_s']:.0f} s",
           flush=True)
   print("RESULT " + json.dumps({"benchmark": "vs_torch", "attention": a.attention,
-                                "host_malloc": a.host_malloc,
                                 "torch_attention": a.torch_attention,
                                 "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
                                 "shapes": out}))

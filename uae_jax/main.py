@@ -22,10 +22,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 _MULTIHOST = flags.DEFINE_bool("multihost", bool(os.environ.get("JAX_COORDINATOR_ADDRESS")),
                                "Call jax.distributed.initialize() before anything else.")
-_HOST_MALLOC = flags.DEFINE_enum(
-    "host_malloc", "system", ["system", "retain"],
-    "CPU runs: 'retain' makes glibc malloc keep freed memory, so XLA's per-step temporaries are "
-    "not page-faulted in again on every step (uae_jax/host_memory.py; docs/speed.md).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -82,8 +78,6 @@ def main(argv):
   del argv
   from uae_jax.metric_writers import quiet_library_logs
   quiet_library_logs()
-  from uae_jax import host_memory
-  host_memory.apply(_HOST_MALLOC.value)  # before anything starts the JAX backend
   import jax
   if _MULTIHOST.value:
     jax.distributed.initialize()
