@@ -30,6 +30,8 @@ import jax
 import numpy as np
 
 from bench import vs_torch
+from bench.common import add_host_malloc_arg, use_host_malloc
+from uae_jax import host_malloc
 
 CATEGORIES = ("matmul", "attention", "layernorm", "gelu", "optimizer", "resize", "other")
 
@@ -139,6 +141,7 @@ def main(argv=None):
   p.add_argument("--shape", default="B:B:4", help="ENC:DEC:BATCH at 256 px (as in vs_torch)")
   p.add_argument("--attention", default=None, help="our attention implementation")
   p.add_argument("--repeats", type=int, default=2, help="profiled steps per side (best kept)")
+  add_host_malloc_arg(p)
   a = p.parse_args(argv)
   enc_size, dec_size, batch = a.shape.split(":")
   model = vs_torch.jax_model(enc_size, dec_size, a.attention)
@@ -152,7 +155,7 @@ def main(argv=None):
   jp = min((jax_profile(js, hlo) for _ in range(a.repeats)), key=lambda r: r["wall"])
   tp = min((torch_profile(ts) for _ in range(a.repeats)), key=lambda r: r["wall"])
   print(f"encoder {enc_size} + decoder {dec_size}, batch {batch}, one profiled step each, "
-        f"{vs_torch._load()}")
+        f"{vs_torch._load()}, {host_malloc.active()} malloc")
   print(f"{'category':<10} {'ours s':>8} {'PyTorch s':>10} {'ours - PyTorch':>15}")
   for c in CATEGORIES:
     o, t = jp["per"].get(c, 0.0), tp["per"].get(c, 0.0)
@@ -165,4 +168,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  use_host_malloc()
   main()

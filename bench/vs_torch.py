@@ -44,7 +44,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import compiled_cost, matmul_peak  # noqa: E402
+from bench.common import add_host_malloc_arg, compiled_cost, matmul_peak, use_host_malloc  # noqa: E402,E501
+from uae_jax import host_malloc  # noqa: E402
 from uae_jax.convert import uae as convert_uae  # noqa: E402
 from uae_jax.models import decoder as decoder_lib  # noqa: E402
 from uae_jax.models import dinov2 as dinov2_lib  # noqa: E402
@@ -476,6 +477,7 @@ def main(argv=None):
                       "(XL: ~7 GB per side); '' = never")
   p.add_argument("--ops", action="store_true",
                  help="only the per-op profile (GELU, LayerNorm, attention) at the B decoder shape")
+  add_host_malloc_arg(p)
   a = p.parse_args(argv)
   if a.ops:
     print(f"forward+backward, best of 5, decoder B shape (4, 257, 768), {_load()}:")
@@ -484,7 +486,8 @@ def main(argv=None):
   torch.manual_seed(0)
   peaks = {"jax": matmul_peak(), "torch": torch_matmul_peak()}
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, {_load()}")
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, {_load()}, "
+        f"{host_malloc.active()} malloc")
   print(f"float32 matmul peak 2048^3: JAX {peaks['jax'] / 1e9:.1f} GFLOP/s, PyTorch "
         f"{peaks['torch'] / 1e9:.1f} GFLOP/s")
   out = []
@@ -504,9 +507,11 @@ def main(argv=None):
           flush=True)
   print("RESULT " + json.dumps({"benchmark": "vs_torch", "attention": a.attention,
                                 "torch_attention": a.torch_attention,
+                                "host_malloc": host_malloc.active(),
                                 "peak_gflops": {k: v / 1e9 for k, v in peaks.items()},
                                 "shapes": out}))
 
 
 if __name__ == "__main__":
+  use_host_malloc()
   main()

@@ -3,7 +3,9 @@
 `--config.x.y=value` overrides any field; an unknown field, a value of the wrong type or a bad
 input file ends with one line naming it and exit status 2, before any compute. On multi-host TPU
 pods set `--multihost` (or run where JAX_COORDINATOR_ADDRESS is set) so
-`jax.distributed.initialize()` is called first.
+`jax.distributed.initialize()` is called first. `--host_malloc` (default `auto`) re-executes the
+process under tcmalloc when it is installed: XLA:CPU's step temporaries then stop page-faulting
+every step (uae_jax/host_malloc.py; `system` keeps glibc's malloc).
 """
 import difflib
 import importlib.util
@@ -15,6 +17,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from uae_jax import host_malloc
 from uae_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
@@ -22,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 _MULTIHOST = flags.DEFINE_bool("multihost", bool(os.environ.get("JAX_COORDINATOR_ADDRESS")),
                                "Call jax.distributed.initialize() before anything else.")
+flags.DEFINE_enum("host_malloc", "auto", host_malloc.CHOICES,
+                  "auto: run under tcmalloc when installed; tcmalloc: require it; system: glibc.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -82,8 +87,8 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from uae_jax import train
-  logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(),
-               jax.device_count())
+  logging.info("process %d/%d, %d devices, %s malloc", jax.process_index(), jax.process_count(),
+               jax.device_count(), host_malloc.active())
   try:
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
@@ -95,6 +100,8 @@ def main(argv):
 def run():
   """Checks the config overrides, then runs `main` under absl (one-line errors, exit 2)."""
   try:
+    # Before anything else: a malloc can only be swapped by re-executing the process.
+    host_malloc.use(host_malloc.choice_in(sys.argv[1:]))
     check_overrides(sys.argv[1:])
     # Parsed once, here, so a wrong-typed value is one line; absl must not parse them again
     # (config overrides define their flags while parsing).

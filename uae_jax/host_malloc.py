@@ -1,0 +1,83 @@
+"""Run a process under tcmalloc, so XLA:CPU's per-step temporaries stop page-faulting.
+
+XLA:CPU allocates a compiled step's temporaries (1.14 GB for the B/B stage-1 step) afresh on
+every call. glibc's malloc serves blocks that large with a new `mmap` and returns them on free,
+so every step touches all those pages anew: 280,000 page faults and 0.5-0.9 s of kernel time per
+B/B step on 2 cores. tcmalloc (gperftools; Debian/Ubuntu package `libtcmalloc-minimal4`) keeps
+freed memory for reuse, so after one warm-up step the faults stop (docs/speed.md has the
+measurements). A malloc cannot be swapped inside a running process, so `use` re-executes the
+process (same pid, same command line) with tcmalloc in `LD_PRELOAD`, before JAX starts.
+
+  host_malloc.use("auto")      # tcmalloc when installed, else carry on with the system malloc
+  host_malloc.use("tcmalloc")  # tcmalloc or a one-line UserError naming the package to install
+  host_malloc.use("system")    # leave the process as it is
+"""
+import ctypes.util
+import glob
+import os
+import sys
+from typing import Optional
+
+from uae_jax.errors import UserError
+
+CHOICES = ("auto", "tcmalloc", "system")
+# The runtime library names gperftools installs (the minimal one has no heap profiler).
+_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+         "/usr/local/lib")
+# Set in the re-executed process, so a preload that did not take cannot loop.
+_GUARD = "UAE_JAX_HOST_MALLOC_REEXEC"
+
+
+def find_tcmalloc() -> Optional[str]:
+  """Path of an installed tcmalloc shared library, or None."""
+  for d in _DIRS:
+    for name in _NAMES:
+      if os.path.isfile(os.path.join(d, name)):
+        return os.path.join(d, name)
+  found = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+  if found:
+    return next(iter(glob.glob(f"/usr/lib*/**/{found}", recursive=True)), found)
+  return None
+
+
+def active() -> str:
+  """'tcmalloc' if this process runs under tcmalloc, else 'system'."""
+  try:
+    with open("/proc/self/maps") as f:
+      return "tcmalloc" if "libtcmalloc" in f.read() else "system"
+  except OSError:  # not Linux
+    return "system"
+
+
+def choice_in(argv, default: str = "auto") -> str:
+  """The value of `--host_malloc=X` or `--host_malloc X` in a command line, else `default`."""
+  for i, a in enumerate(argv):
+    if a.startswith("--host_malloc="):
+      return a.split("=", 1)[1]
+    if a == "--host_malloc" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
+
+
+def use(choice: str) -> str:
+  """Re-executes this process under tcmalloc if `choice` asks for it; returns the malloc in use."""
+  if choice not in CHOICES:
+    raise UserError(f"--host_malloc={choice}: expected one of {', '.join(CHOICES)}")
+  if choice == "system" or active() == "tcmalloc":
+    return active()
+  path = find_tcmalloc()
+  if path is None or os.environ.get(_GUARD):
+    if choice == "tcmalloc":
+      why = ("it was preloaded but did not load" if path else
+             "it is not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+      raise UserError(f"--host_malloc=tcmalloc: {why}")
+    return "system"
+  preload = " ".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Release rate 0: freed pages are never handed back to the kernel (the next step needs them
+  # again; at the default rate 1 a call in a few still page-faults its temporaries in anew).
+  env = dict(os.environ, LD_PRELOAD=preload, **{_GUARD: "1"})
+  env.setdefault("TCMALLOC_RELEASE_RATE", "0")
+  os.execve(sys.executable, sys.orig_argv, env)
