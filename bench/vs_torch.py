@@ -2,6 +2,7 @@
 
     python -m bench.vs_torch                       # (enc B, dec B, batch 4), (enc B, dec XL, batch 2)
     python -m bench.vs_torch --shapes B:B:4 --steps 3 --rounds 2
+    python -m bench.vs_torch --host_malloc system  # glibc's malloc (default: tcmalloc if installed)
     python -m bench.vs_torch --attention xla       # our attention implementation (see docs/speed.md)
     python -m bench.vs_torch --shapes B:XL/7:2     # XL width, heads and MLP with 7 of its 28 blocks
 
@@ -15,9 +16,10 @@ forward, the decoder forward and backward on an L1 loss, and one AdamW update (b
 eps 1e-8, no weight decay; PyTorch's fused AdamW, as the official trainer uses). float32 on both
 sides; PyTorch attention uses SDPA (its default fast path) unless `--torch_attention eager`.
 
-Timing: `--rounds` rounds, each timing `--steps` of ours then `--steps` of PyTorch after warm-up,
-so a change in machine load hits both sides alike; every round prints its own ratio, each side's
-kernel (system) CPU seconds per step and the load average. Shapes whose decoder is in
+Timing: `--rounds` rounds, each timing `--steps` of ours then `--steps` of PyTorch, so a change
+in machine load hits both sides alike, after `--warmup_rounds` untimed rounds of the same (the
+host allocator settles only once both sides' steps have interleaved; docs/speed.md). Every round
+prints its own ratio, each side's kernel (system) CPU seconds per step and the load average. Shapes whose decoder is in
 `--sequential` (default XL: ~7 GB of weights, gradients and AdamW state per side) keep only one
 side in memory at a time and rebuild each side per round. FLOPs per step are counted two ways:
 XLA's cost analysis of our compiled step (all HLO FLOPs), and PyTorch's `FlopCounterMode` on its
@@ -416,8 +418,11 @@ def _round_line(r, batch, t_jax, t_torch, kernel_jax, kernel_torch):
 
 
 def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn, peaks,
-                sequential: bool = False) -> dict:
+                sequential: bool = False, warmup_rounds: int = 1) -> dict:
   """Times both steps at one shape; prints per-round lines; returns the summary row.
+
+  `warmup_rounds` untimed rounds come first: the two sides' steps interleave, and the host
+  allocator (tcmalloc in particular) takes a round or two to hold memory for both patterns.
 
   `sequential`: only one side's weights and optimiser state exist at a time (each round
   rebuilds both sides from the same numpy weights), for shapes whose two states together do
@@ -437,7 +442,7 @@ def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn,
   ts = make_t()
   mm_flops = ts.flops()  # also the PyTorch warm-up step
   rows = []
-  for r in range(rounds):
+  for r in range(-warmup_rounds, rounds):
     if sequential:
       ts.close()
       js = make_j()
@@ -448,7 +453,8 @@ def bench_shape(enc_size, dec_size, batch, steps, rounds, attention, torch_attn,
       ts = make_t()
       ts.run(1)
     t_torch = ts.run(steps)
-    rows.append(_round_line(r, batch, t_jax, t_torch, kernel_jax, ts.kernel_s))
+    if r >= 0:
+      rows.append(_round_line(r, batch, t_jax, t_torch, kernel_jax, ts.kernel_s))
   ts.close()
   if not sequential:
     js.close()
@@ -470,6 +476,8 @@ def main(argv=None):
   p.add_argument("--shapes", default="B:B:4,B:XL:2", help="ENC:DEC:BATCH,... at 256 px")
   p.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
   p.add_argument("--rounds", type=int, default=2)
+  p.add_argument("--warmup_rounds", type=int, default=1,
+                 help="untimed rounds first, so both sides' memory use reaches its steady state")
   p.add_argument("--attention", default=None, help="our attention implementation (None: default)")
   p.add_argument("--torch_attention", default="sdpa", choices=("sdpa", "eager"))
   p.add_argument("--sequential", default="XL",
@@ -497,7 +505,7 @@ def main(argv=None):
           f"L1 + AdamW:", flush=True)
     seq = dec_size in a.sequential.split(",")
     r = bench_shape(enc_size, dec_size, int(batch), a.steps, a.rounds, a.attention,
-                    a.torch_attention, peaks, sequential=seq)
+                    a.torch_attention, peaks, sequential=seq, warmup_rounds=a.warmup_rounds)
     out.append(r)
     print(f"  => ours {r['jax_img_s']:.3f} img/s, PyTorch {r['torch_img_s']:.3f} img/s, ratio "
           f"{r['ratio']:.3f} (median of rounds) | step {r['matmul_gflop']:.0f} GFLOP matmul "
