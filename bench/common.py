@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from uae_jax import host_malloc
+from uae_jax.errors import UserError
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -32,12 +33,13 @@ def add_host_malloc_arg(parser) -> None:
   """`--host_malloc`, as the trainer's: acted on by `use_host_malloc` before the benchmark runs."""
   parser.add_argument("--host_malloc", default="auto", choices=host_malloc.CHOICES,
                       help="auto: run under tcmalloc when installed (as the trainer does); "
-                           "tcmalloc: require it; system: glibc's malloc (see docs/speed.md)")
+                           "tcmalloc: require it; system: keep the malloc it started with "
+                           "(see docs/speed.md)")
 
 
 def use_host_malloc() -> None:
   """Re-executes a benchmark run as a script under the malloc its command line asks for."""
   try:
     host_malloc.use(host_malloc.choice_in(sys.argv[1:]))
-  except host_malloc.UserError as e:
+  except UserError as e:
     sys.exit(f"error: {e}")

@@ -19,13 +19,13 @@ sides; PyTorch attention uses SDPA (its default fast path) unless `--torch_atten
 Timing: `--rounds` rounds, each timing `--steps` of ours then `--steps` of PyTorch, so a change
 in machine load hits both sides alike, after `--warmup_rounds` untimed rounds of the same (the
 host allocator settles only once both sides' steps have interleaved; docs/speed.md). Every round
-prints its own ratio, each side's kernel (system) CPU seconds per step and the load average. Shapes whose decoder is in
-`--sequential` (default XL: ~7 GB of weights, gradients and AdamW state per side) keep only one
-side in memory at a time and rebuild each side per round. FLOPs per step are counted two ways:
-XLA's cost analysis of our compiled step (all HLO FLOPs), and PyTorch's `FlopCounterMode` on its
-step (matmuls, convolutions and attention only); achieved FLOP/s uses the matmul count for both
-sides (same work) and is compared with the float32 matmul peak each framework reaches on a 2048^3
-product on this machine.
+prints its own ratio, each side's kernel (system) CPU seconds per step and the load average.
+Shapes whose decoder is in `--sequential` (default XL: ~7 GB of weights, gradients and AdamW state
+per side) keep only one side in memory at a time and rebuild each side per round. FLOPs per step
+are counted two ways: XLA's cost analysis of our compiled step (all HLO FLOPs), and PyTorch's
+`FlopCounterMode` on its step (matmuls, convolutions and attention only); achieved FLOP/s uses the
+matmul count for both sides (same work) and is compared with the float32 matmul peak each framework
+reaches on a 2048^3 product on this machine.
 """
 import argparse
 import dataclasses
@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import add_host_malloc_arg, compiled_cost, matmul_peak, use_host_malloc  # noqa: E402,E501
+from bench.common import (add_host_malloc_arg, compiled_cost, matmul_peak,  # noqa: E402
+                          use_host_malloc)
 from uae_jax import host_malloc  # noqa: E402
 from uae_jax.convert import uae as convert_uae  # noqa: E402
 from uae_jax.models import decoder as decoder_lib  # noqa: E402

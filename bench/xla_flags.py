@@ -8,8 +8,9 @@ XLA reads `XLA_FLAGS` once per process, so every variant runs in its own subproc
 alternate the variants (A, B, C, A, B, C, ...) so a change in machine load hits them alike. Each
 run prints its compile time, the best and median of three timed 2-step windows, the kernel
 (system) CPU seconds and minor page faults per step, and the load. Each variant runs under each
-`--host_mallocs` entry (uae_jax/host_malloc.py: glibc's malloc, or tcmalloc when installed). (A flag string starting with
-`--` must be passed with a leading space, `" --xla_..."`, or argparse takes it for an option.)
+`--host_mallocs` entry (uae_jax/host_malloc.py: glibc's malloc, or tcmalloc when installed).
+(A flag string starting with `--` must be passed with a leading space, `" --xla_..."`, or
+argparse takes it for an option.)
 """
 import argparse
 import os
@@ -52,8 +53,7 @@ def run_variant(flags: str, malloc: str = "system") -> dict:
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   env.pop("LD_PRELOAD", None)
   out = subprocess.run([sys.executable, "-c", _CHILD, malloc], env=env, capture_output=True,
-                       text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   m = re.search(r"RESULT (.+)", out.stdout)
   if m is None:
     return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -1,4 +1,4 @@
-"""`--host_malloc`: the trainer re-executes itself under tcmalloc, so XLA:CPU stops page-faulting."""
+"""`--host_malloc`: the trainer re-executes itself under tcmalloc; XLA:CPU stops page-faulting."""
 import os
 import resource
 import subprocess
@@ -18,7 +18,7 @@ needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None,
 
 def _python(code, *args, env=None):
   """Runs `python -c code args...` from the repository with the environment minus any preload."""
-  e = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", host_malloc._GUARD)}
+  e = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
   return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
                         text=True, timeout=300, env=dict(e, **(env or {})))
 
@@ -36,9 +36,9 @@ def test_choice_parsing_and_errors(monkeypatch):
   assert host_malloc.use("auto") == "system"  # carries on, no re-exec
   with pytest.raises(UserError, match="not installed.*libtcmalloc-minimal4"):
     host_malloc.use("tcmalloc")
-  # A preload that did not take (the guard is set in the re-executed process) must not loop.
+  # A preload that did not take (tcmalloc is in LD_PRELOAD, yet not loaded) must not loop.
   monkeypatch.setattr(host_malloc, "find_tcmalloc", lambda: "/nonexistent/libtcmalloc.so.4")
-  monkeypatch.setenv(host_malloc._GUARD, "1")
+  monkeypatch.setenv("LD_PRELOAD", "/nonexistent/libtcmalloc.so.4")
   assert host_malloc.use("auto") == "system"
   with pytest.raises(UserError, match="preloaded but did not load"):
     host_malloc.use("tcmalloc")

@@ -2,7 +2,7 @@
 
 XLA:CPU allocates a compiled step's temporaries (1.14 GB for the B/B stage-1 step) afresh on
 every call. glibc's malloc serves blocks that large with a new `mmap` and returns them on free,
-so every step touches all those pages anew: 280,000 page faults and 0.5-0.9 s of kernel time per
+so every step touches all those pages anew: 280,000 page faults and 0.4-0.85 s of kernel time per
 B/B step on 2 cores. tcmalloc (gperftools; Debian/Ubuntu package `libtcmalloc-minimal4`) keeps
 freed memory for reuse, so after one warm-up step the faults stop (docs/speed.md has the
 measurements). A malloc cannot be swapped inside a running process, so `use` re-executes the
@@ -10,10 +10,9 @@ process (same pid, same command line) with tcmalloc in `LD_PRELOAD`, before JAX 
 
   host_malloc.use("auto")      # tcmalloc when installed, else carry on with the system malloc
   host_malloc.use("tcmalloc")  # tcmalloc or a one-line UserError naming the package to install
-  host_malloc.use("system")    # leave the process as it is
+  host_malloc.use("system")    # leave the process as it started (glibc's malloc unless LD_PRELOAD)
 """
 import ctypes.util
-import glob
 import os
 import sys
 from typing import Optional
@@ -25,8 +24,6 @@ CHOICES = ("auto", "tcmalloc", "system")
 _NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
          "/usr/local/lib")
-# Set in the re-executed process, so a preload that did not take cannot loop.
-_GUARD = "UAE_JAX_HOST_MALLOC_REEXEC"
 
 
 def find_tcmalloc() -> Optional[str]:
@@ -35,10 +32,8 @@ def find_tcmalloc() -> Optional[str]:
     for name in _NAMES:
       if os.path.isfile(os.path.join(d, name)):
         return os.path.join(d, name)
-  found = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
-  if found:
-    return next(iter(glob.glob(f"/usr/lib*/**/{found}", recursive=True)), found)
-  return None
+  # Elsewhere, a name the dynamic loader finds by itself (LD_PRELOAD takes bare names too).
+  return ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
 
 
 def active() -> str:
@@ -67,17 +62,17 @@ def use(choice: str) -> str:
   if choice == "system" or active() == "tcmalloc":
     return active()
   path = find_tcmalloc()
-  if path is None or os.environ.get(_GUARD):
+  preloaded = os.environ.get("LD_PRELOAD", "").split()
+  if path is None or path in preloaded:  # not installed, or preloaded without effect: no loop
     if choice == "tcmalloc":
       why = ("it was preloaded but did not load" if path else
              "it is not installed (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
       raise UserError(f"--host_malloc=tcmalloc: {why}")
     return "system"
-  preload = " ".join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
   sys.stdout.flush()
   sys.stderr.flush()
   # Release rate 0: freed pages are never handed back to the kernel (the next step needs them
   # again; at the default rate 1 a call in a few still page-faults its temporaries in anew).
-  env = dict(os.environ, LD_PRELOAD=preload, **{_GUARD: "1"})
+  env = dict(os.environ, LD_PRELOAD=" ".join([path] + preloaded))
   env.setdefault("TCMALLOC_RELEASE_RATE", "0")
   os.execve(sys.executable, sys.orig_argv, env)

@@ -26,7 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _MULTIHOST = flags.DEFINE_bool("multihost", bool(os.environ.get("JAX_COORDINATOR_ADDRESS")),
                                "Call jax.distributed.initialize() before anything else.")
 flags.DEFINE_enum("host_malloc", "auto", host_malloc.CHOICES,
-                  "auto: run under tcmalloc when installed; tcmalloc: require it; system: glibc.")
+                  "auto: run under tcmalloc when installed; tcmalloc: require it; "
+                  "system: keep the malloc the process started with.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
