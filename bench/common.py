@@ -1,12 +1,10 @@
 """Measurement helpers shared by the benchmarks: the machine's matmul peak and compiled costs."""
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
 from uae_jax import host_malloc
-from uae_jax.errors import UserError
 
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
@@ -30,16 +28,9 @@ def compiled_cost(compiled) -> dict:
 
 
 def add_host_malloc_arg(parser) -> None:
-  """`--host_malloc`, as the trainer's: acted on by `use_host_malloc` before the benchmark runs."""
+  """`--host_malloc`, as the trainer's: acted on by `host_malloc.use_from_argv` at the start."""
   parser.add_argument("--host_malloc", default="auto", choices=host_malloc.CHOICES,
                       help="auto: run under tcmalloc when installed (as the trainer does); "
                            "tcmalloc: require it; system: keep the malloc it started with "
                            "(see docs/speed.md)")
 
-
-def use_host_malloc() -> None:
-  """Re-executes a benchmark run as a script under the malloc its command line asks for."""
-  try:
-    host_malloc.use(host_malloc.choice_in(sys.argv[1:]))
-  except UserError as e:
-    sys.exit(f"error: {e}")

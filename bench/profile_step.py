@@ -24,13 +24,14 @@ import glob
 import gzip
 import json
 import re
+import sys
 import tempfile
 
 import jax
 import numpy as np
 
 from bench import vs_torch
-from bench.common import add_host_malloc_arg, use_host_malloc
+from bench.common import add_host_malloc_arg
 from uae_jax import host_malloc
 
 CATEGORIES = ("matmul", "attention", "layernorm", "gelu", "optimizer", "resize", "other")
@@ -168,5 +169,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  use_host_malloc()
+  host_malloc.use_from_argv(sys.argv[1:])
   main()

@@ -34,6 +34,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 from absl import flags
@@ -46,8 +47,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import (add_host_malloc_arg, compiled_cost, matmul_peak,  # noqa: E402
-                          use_host_malloc)
+from bench.common import add_host_malloc_arg, compiled_cost, matmul_peak  # noqa: E402
 from uae_jax import host_malloc  # noqa: E402
 from uae_jax.convert import uae as convert_uae  # noqa: E402
 from uae_jax.models import decoder as decoder_lib  # noqa: E402
@@ -522,5 +522,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  use_host_malloc()
+  host_malloc.use_from_argv(sys.argv[1:])
   main()

@@ -27,6 +27,9 @@ def test_choice_parsing_and_errors(monkeypatch):
   assert host_malloc.choice_in(["--x", "--host_malloc=system"]) == "system"
   assert host_malloc.choice_in(["--host_malloc", "tcmalloc", "--y=1"]) == "tcmalloc"
   assert host_malloc.choice_in(["--hostmalloc=system"]) == "auto"
+  # Parsers that do not define the option (the evaluate / generate CLIs) never see it.
+  assert host_malloc.use_from_argv(["recon", "--host_malloc", "system", "--x=1"]) == ["recon", "--x=1"]
+  assert host_malloc.use_from_argv(["--host_malloc=system", "gen"]) == ["gen"]
   with pytest.raises(UserError, match="--host_malloc=jemalloc: expected one of auto"):
     host_malloc.use("jemalloc")
   if host_malloc.active() == "tcmalloc":
@@ -44,10 +47,13 @@ def test_choice_parsing_and_errors(monkeypatch):
     host_malloc.use("tcmalloc")
 
 
-def test_trainer_rejects_a_bad_choice_in_one_line(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "uae_jax.main", "--config=configs/stage1.py:tiny",
-                      f"--workdir={tmp_path}", "--host_malloc=jemalloc"], cwd=REPO,
-                     capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("entry", [("uae_jax.main", "--config=configs/stage1.py:tiny"),
+                                   ("uae_jax.demo",), ("uae_jax.demo_generate",),
+                                   ("uae_jax.evaluate", "recon"), ("uae_jax.generate", "sample")])
+def test_every_entry_point_rejects_a_bad_choice_in_one_line(tmp_path, entry):
+  r = subprocess.run([sys.executable, "-m", *entry, f"--workdir={tmp_path}",
+                      "--host_malloc=jemalloc"], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
       "error: --host_malloc=jemalloc: expected one of auto, tcmalloc, system"]

@@ -11,10 +11,13 @@ Re-running resumes or skips finished stages.
 import json
 import os
 import shutil
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from uae_jax import host_malloc
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 DEFAULT_STEPS = (400, 400, 160)
@@ -96,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.use_from_argv(sys.argv[1:])
   app.run(main)

@@ -24,12 +24,15 @@ second run resumes the UAE and DiT runs (or skips them when finished) and sample
 import json
 import os
 import shutil
+import sys
 import time
 
 import jax
 import numpy as np
 from absl import app
 from absl import flags
+
+from uae_jax import host_malloc
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo_generate", "Output directory.")
 _UAE_STEPS = flags.DEFINE_integer("uae_steps", 150, "Training steps of the tiny UAE.")
@@ -272,4 +275,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  host_malloc.use_from_argv(sys.argv[1:])
   app.run(main)

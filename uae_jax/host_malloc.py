@@ -11,15 +11,25 @@ process (same pid, same command line) with tcmalloc in `LD_PRELOAD`, before JAX 
   host_malloc.use("auto")      # tcmalloc when installed, else carry on with the system malloc
   host_malloc.use("tcmalloc")  # tcmalloc or a one-line UserError naming the package to install
   host_malloc.use("system")    # leave the process as it started (glibc's malloc unless LD_PRELOAD)
+
+Every command-line entry point takes `--host_malloc=auto|tcmalloc|system` (default auto): the
+trainer, the demos, `uae_jax.evaluate` and `uae_jax.generate`, through `use_from_argv`.
 """
 import ctypes.util
 import os
 import sys
 from typing import Optional
 
+from absl import flags
+
 from uae_jax.errors import UserError
 
 CHOICES = ("auto", "tcmalloc", "system")
+# Defined once, here, for the absl entry points' --help; `use_from_argv` acts on it before absl
+# parses anything (a malloc is chosen when the process starts).
+flags.DEFINE_enum("host_malloc", "auto", CHOICES,
+                  "auto: run under tcmalloc when installed; tcmalloc: require it; "
+                  "system: keep the malloc the process started with.")
 # The runtime library names gperftools installs (the minimal one has no heap profiler).
 _NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
@@ -53,6 +63,27 @@ def choice_in(argv, default: str = "auto") -> str:
     if a == "--host_malloc" and i + 1 < len(argv):
       return argv[i + 1]
   return default
+
+
+def use_from_argv(argv: list) -> list:
+  """Acts on `--host_malloc` in a command line (may re-execute the process); returns the command
+  line without it, for parsers that do not define it. A bad choice ends with one line, exit 2."""
+  try:
+    use(choice_in(argv))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  out, skip = [], False
+  for i, a in enumerate(argv):
+    if skip:
+      skip = False
+    elif a.startswith("--host_malloc="):
+      continue
+    elif a == "--host_malloc" and i + 1 < len(argv):
+      skip = True
+    else:
+      out.append(a)
+  return out
 
 
 def use(choice: str) -> str:

@@ -5,7 +5,7 @@ input file ends with one line naming it and exit status 2, before any compute. O
 pods set `--multihost` (or run where JAX_COORDINATOR_ADDRESS is set) so
 `jax.distributed.initialize()` is called first. `--host_malloc` (default `auto`) re-executes the
 process under tcmalloc when it is installed: XLA:CPU's step temporaries then stop page-faulting
-every step (uae_jax/host_malloc.py; `system` keeps glibc's malloc).
+every step (uae_jax/host_malloc.py; `system` keeps the malloc the process started with).
 """
 import difflib
 import importlib.util
@@ -25,9 +25,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :va
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and images.")
 _MULTIHOST = flags.DEFINE_bool("multihost", bool(os.environ.get("JAX_COORDINATOR_ADDRESS")),
                                "Call jax.distributed.initialize() before anything else.")
-flags.DEFINE_enum("host_malloc", "auto", host_malloc.CHOICES,
-                  "auto: run under tcmalloc when installed; tcmalloc: require it; "
-                  "system: keep the malloc the process started with.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -100,9 +97,9 @@ def main(argv):
 
 def run():
   """Checks the config overrides, then runs `main` under absl (one-line errors, exit 2)."""
+  # Before anything else: a malloc can only be swapped by re-executing the process.
+  host_malloc.use_from_argv(sys.argv[1:])
   try:
-    # Before anything else: a malloc can only be swapped by re-executing the process.
-    host_malloc.use(host_malloc.choice_in(sys.argv[1:]))
     check_overrides(sys.argv[1:])
     # Parsed once, here, so a wrong-typed value is one line; absl must not parse them again
     # (config overrides define their flags while parsing).
