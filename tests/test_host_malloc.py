@@ -24,9 +24,10 @@ def _python(code, *args, env=None):
 
 
 def test_choice_parsing_and_errors(monkeypatch):
-  assert host_malloc.choice_in(["--x", "--host_malloc=system"]) == "system"
-  assert host_malloc.choice_in(["--host_malloc", "tcmalloc", "--y=1"]) == "tcmalloc"
-  assert host_malloc.choice_in(["--hostmalloc=system"]) == "auto"
+  split = host_malloc.split_argv
+  assert split(["--x", "--host_malloc=system"]) == ("system", ["--x"])
+  assert split(["--host_malloc", "tcmalloc", "--y=1"]) == ("tcmalloc", ["--y=1"])
+  assert split(["--hostmalloc=system"]) == ("auto", ["--hostmalloc=system"])
   # Parsers that do not define the option (the evaluate / generate CLIs) never see it.
   assert host_malloc.use_from_argv(["recon", "--host_malloc", "system", "--x=1"]) == ["recon", "--x=1"]
   assert host_malloc.use_from_argv(["--host_malloc=system", "gen"]) == ["gen"]

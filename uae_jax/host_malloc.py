@@ -55,35 +55,31 @@ def active() -> str:
     return "system"
 
 
-def choice_in(argv, default: str = "auto") -> str:
-  """The value of `--host_malloc=X` or `--host_malloc X` in a command line, else `default`."""
-  for i, a in enumerate(argv):
-    if a.startswith("--host_malloc="):
-      return a.split("=", 1)[1]
-    if a == "--host_malloc" and i + 1 < len(argv):
-      return argv[i + 1]
-  return default
+def split_argv(argv, default: str = "auto") -> tuple:
+  """(the `--host_malloc=X` / `--host_malloc X` choice in a command line, else `default`; the
+  command line without the option)."""
+  choice, rest, i = default, [], 0
+  while i < len(argv):
+    if argv[i].startswith("--host_malloc="):
+      choice = argv[i].split("=", 1)[1]
+    elif argv[i] == "--host_malloc" and i + 1 < len(argv):
+      choice, i = argv[i + 1], i + 1
+    else:
+      rest.append(argv[i])
+    i += 1
+  return choice, rest
 
 
 def use_from_argv(argv: list) -> list:
   """Acts on `--host_malloc` in a command line (may re-execute the process); returns the command
   line without it, for parsers that do not define it. A bad choice ends with one line, exit 2."""
+  choice, rest = split_argv(argv)
   try:
-    use(choice_in(argv))
+    use(choice)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  out, skip = [], False
-  for i, a in enumerate(argv):
-    if skip:
-      skip = False
-    elif a.startswith("--host_malloc="):
-      continue
-    elif a == "--host_malloc" and i + 1 < len(argv):
-      skip = True
-    else:
-      out.append(a)
-  return out
+  return rest
 
 
 def use(choice: str) -> str:
