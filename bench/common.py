@@ -33,4 +33,3 @@ def add_host_malloc_arg(parser) -> None:
                       help="auto: run under tcmalloc when installed (as the trainer does); "
                            "tcmalloc: require it; system: keep the malloc it started with "
                            "(see docs/speed.md)")
-
