@@ -4,8 +4,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from uae_jax import host_malloc
-
 
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
   """Measured float32 matmul FLOP/s of this machine (best of `reps`), the baseline for ratios."""
@@ -25,11 +23,3 @@ def compiled_cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return dict(cost or {})
-
-
-def add_host_malloc_arg(parser) -> None:
-  """`--host_malloc`, as the trainer's: acted on by `host_malloc.use_from_argv` at the start."""
-  parser.add_argument("--host_malloc", default="auto", choices=host_malloc.CHOICES,
-                      help="auto: run under tcmalloc when installed (as the trainer does); "
-                           "tcmalloc: require it; system: keep the malloc it started with "
-                           "(see docs/speed.md)")

@@ -2,6 +2,7 @@
 
     python -m bench.profile_step                        # enc B + dec B, batch 4 (the vs_torch step)
     python -m bench.profile_step --shape S:small:2      # a quick look at small sizes
+    python -m bench.profile_step --host_malloc system   # glibc's malloc (default: tcmalloc)
 
 Ours: one step of `bench.vs_torch`'s jitted step under `jax.profiler.trace`; the trace has one
 event per XLA:CPU thunk, named after its HLO instruction, and the compiled HLO text gives each
@@ -31,7 +32,6 @@ import jax
 import numpy as np
 
 from bench import vs_torch
-from bench.common import add_host_malloc_arg
 from uae_jax import host_malloc
 
 CATEGORIES = ("matmul", "attention", "layernorm", "gelu", "optimizer", "resize", "other")
@@ -70,11 +70,11 @@ def jax_category(name: str, opcode: str, op_name: str) -> str:
 
 
 def trace_events(trace_dir: str) -> list:
-  """(name, duration seconds, start seconds, thread id) of every complete event in the trace."""
+  """(name, duration seconds, start seconds) of every complete event in the trace."""
   path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
   with gzip.open(path) as f:
     events = json.load(f)["traceEvents"]
-  return [(e["name"], e["dur"] * 1e-6, e["ts"] * 1e-6, e.get("tid")) for e in events
+  return [(e["name"], e["dur"] * 1e-6, e["ts"] * 1e-6) for e in events
           if e.get("ph") == "X" and "dur" in e]
 
 
@@ -97,7 +97,7 @@ def jax_profile(side, hlo_text: str) -> dict:
     events = trace_events(d)
   per = collections.Counter()
   intervals = []
-  for name, dur, start, _ in events:
+  for name, dur, start in events:
     if name not in meta:
       continue  # the runtime's own spans (executor, waits), which enclose the thunks
     opcode, op_name = meta[name]
@@ -142,7 +142,6 @@ def main(argv=None):
   p.add_argument("--shape", default="B:B:4", help="ENC:DEC:BATCH at 256 px (as in vs_torch)")
   p.add_argument("--attention", default=None, help="our attention implementation")
   p.add_argument("--repeats", type=int, default=2, help="profiled steps per side (best kept)")
-  add_host_malloc_arg(p)
   a = p.parse_args(argv)
   enc_size, dec_size, batch = a.shape.split(":")
   model = vs_torch.jax_model(enc_size, dec_size, a.attention)
@@ -169,5 +168,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_malloc.use_from_argv(sys.argv[1:])
-  main()
+  main(host_malloc.use_from_argv(sys.argv[1:]))

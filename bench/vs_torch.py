@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
 
-from bench.common import add_host_malloc_arg, compiled_cost, matmul_peak  # noqa: E402
+from bench.common import compiled_cost, matmul_peak  # noqa: E402
 from uae_jax import host_malloc  # noqa: E402
 from uae_jax.convert import uae as convert_uae  # noqa: E402
 from uae_jax.models import decoder as decoder_lib  # noqa: E402
@@ -486,7 +486,6 @@ def main(argv=None):
                       "(XL: ~7 GB per side); '' = never")
   p.add_argument("--ops", action="store_true",
                  help="only the per-op profile (GELU, LayerNorm, attention) at the B decoder shape")
-  add_host_malloc_arg(p)
   a = p.parse_args(argv)
   if a.ops:
     print(f"forward+backward, best of 5, decoder B shape (4, 257, 768), {_load()}:")
@@ -522,5 +521,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  host_malloc.use_from_argv(sys.argv[1:])
-  main()
+  main(host_malloc.use_from_argv(sys.argv[1:]))

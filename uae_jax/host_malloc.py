@@ -86,8 +86,9 @@ def use(choice: str) -> str:
   """Re-executes this process under tcmalloc if `choice` asks for it; returns the malloc in use."""
   if choice not in CHOICES:
     raise UserError(f"--host_malloc={choice}: expected one of {', '.join(CHOICES)}")
-  if choice == "system" or active() == "tcmalloc":
-    return active()
+  current = active()
+  if choice == "system" or current == "tcmalloc":
+    return current
   path = find_tcmalloc()
   preloaded = os.environ.get("LD_PRELOAD", "").split()
   if path is None or path in preloaded:  # not installed, or preloaded without effect: no loop

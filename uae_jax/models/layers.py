@@ -148,7 +148,7 @@ def activation_fn(name: Optional[str], gelu_approximate: bool = False) -> Callab
   `name=None` keeps the older switch: exact GELU, or the tanh form if `gelu_approximate`.
   """
   if name is None:
-    return (lambda h: jax.nn.gelu(h, approximate=True)) if gelu_approximate else gelu_exact
+    return activation_fn("gelu_tanh" if gelu_approximate else "gelu")
   if name == "gelu":
     return gelu_exact
   if name == "gelu_tanh":
